@@ -1,0 +1,512 @@
+"""The cluster: trace arrivals -> admission -> router -> replicas -> metrics, in one SimPy environment.
+
+Processes:
+- ``_arrivals``: releases each workload request at its arrival time and dispatches it.
+- ``_autoscale`` (if an autoscaler is configured): every sync period, asks the policy for the
+  desired size and starts (cold) or drains replicas.
+- ``_sample``: every ``sample_interval_s``, records the gauges of each replica and the cluster.
+- ``_failures`` (if failures are configured): injects replica failures.
+
+Every request ends exactly once: completed, rejected (admission, too long, no replica) or failed
+(replica failure without retry, or retries exhausted), always with a reason. ``run()`` checks this.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import simpy
+
+from policies.base import Autoscaler, ClusterView, ReplicaState, Router, RoutingRequest
+from sim.engine import EngineConfig, EngineRequest
+from sim.metrics import COMPLETED, FAILED, REJECTED, REQUEST_COLUMNS, SLO, LogHistogram, TimeSeries, summarize
+from sim.replica import Replica
+from sim.step_time import StepTimeModel
+from traces.schema import Workload, engine_block_hashes
+
+_STATUS_NAMES = {0: "pending", 1: COMPLETED, 2: REJECTED, 3: FAILED}
+
+
+@dataclass
+class FailureConfig:
+    mtbf_s: float | None = None  # mean time between failures per replica (exponential)
+    inject: list[tuple[int, float]] = field(default_factory=list)  # (replica_id, time_s)
+    on_failure: str = "retry"  # or "fail"
+    max_retries: int = 2
+    replace: bool = True  # start a replacement replica (cold) when one fails
+
+
+@dataclass
+class ClusterConfig:
+    workload: Workload
+    engine: EngineConfig
+    make_step_model: Callable[[], StepTimeModel]
+    router: Router
+    replicas: int = 1
+    num_gpus_per_replica: int = 1
+    usd_per_gpu_hour: float = 0.0
+    staleness_s: float = 0.0
+    autoscaler: Autoscaler | None = None
+    min_replicas: int = 0
+    max_replicas: int = 1_000_000
+    cold_start: Callable[[np.random.Generator], float] = lambda rng: 0.0
+    initial_cold_start: bool = False  # do the initial replicas pay the cold start?
+    admission: Any = None  # object with admit(request, now, ClusterView) -> (bool, reason)
+    failures: FailureConfig = field(default_factory=FailureConfig)
+    sample_interval_s: float = 1.0
+    slo: SLO | None = None
+    seed: int = 0
+    progress: bool = False
+    horizon_after_last_arrival_s: float = 7 * 86400.0
+
+
+class _StaleView:
+    """A replica's gauges as a router saw them at the last scrape; router-tracked counts stay exact."""
+
+    __slots__ = ("_r", "replica_id", "state", "num_running", "num_waiting", "kv_usage", "num_free_blocks",
+                 "num_total_blocks", "block_size", "num_preemptions", "prefix_hit_rate")
+
+    def __init__(self, r: Replica):
+        self._r = r
+        self.replica_id = r.replica_id
+        self.num_total_blocks = r.num_total_blocks
+        self.block_size = r.block_size
+        self.refresh()
+
+    def refresh(self) -> None:
+        r = self._r
+        self.state = r.state
+        self.num_running = r.num_running
+        self.num_waiting = r.num_waiting
+        self.kv_usage = r.kv_usage
+        self.num_free_blocks = r.num_free_blocks
+        self.num_preemptions = r.num_preemptions
+        self.prefix_hit_rate = r.prefix_hit_rate
+
+    @property
+    def inflight_requests(self) -> int:
+        return self._r.inflight_requests
+
+    @property
+    def inflight_tokens(self) -> int:
+        return self._r.inflight_tokens
+
+    def cached_prefix_blocks(self, block_hashes) -> int:
+        return self._r.cached_prefix_blocks(block_hashes)
+
+
+class Cluster:
+    def __init__(self, cfg: ClusterConfig):
+        self.cfg = cfg
+        self.env = simpy.Environment()
+        self.itl = LogHistogram()
+        ss = np.random.SeedSequence(cfg.seed)
+        # One RNG stream per subsystem: adding draws to one never shifts another's.
+        self.rng_cold_start, self.rng_failures, self.rng_router, _spare = (np.random.default_rng(s) for s in ss.spawn(4))
+        if getattr(cfg.router, "rng", None) is None or getattr(cfg.router, "_rng_from_cluster", True):
+            cfg.router.rng = self.rng_router
+        w = cfg.workload
+        df = w.df
+        self.n = len(df)
+        self.arrival = df["arrival_s"].to_numpy(dtype=np.float64)
+        self.prompt = df["prompt_tokens"].to_numpy(dtype=np.int64)
+        self.output = df["output_tokens"].to_numpy(dtype=np.int64)
+        self.session = df["session_id"].to_numpy() if w.has("session_id") else None
+        self.tenant = df["tenant"].to_numpy() if w.has("tenant") else None
+        self.priority = df["priority"].fillna(0).to_numpy(dtype=np.int64) if w.has("priority") else None
+        self.token_ids = df["token_ids"].to_numpy() if w.has("token_ids") else None
+        self.hash_ids = df["hash_ids"].to_numpy() if w.has("hash_ids") else None
+        self.request_ids = df["request_id"].to_numpy() if w.has("request_id") else None
+        # Outcome columns, filled when each request ends.
+        n = self.n
+        self.o_status = np.zeros(n, dtype=np.int8)
+        self.o_replica = np.full(n, -1, dtype=np.int32)
+        self.o_cached = np.zeros(n, dtype=np.int64)
+        self.o_out = np.zeros(n, dtype=np.int64)
+        self.o_queue = np.full(n, np.nan)
+        self.o_ttft = np.full(n, np.nan)
+        self.o_tpot = np.full(n, np.nan)
+        self.o_e2e = np.full(n, np.nan)
+        self.o_finish = np.full(n, np.nan)
+        self.o_preempt = np.zeros(n, dtype=np.int32)
+        self.o_retries = np.zeros(n, dtype=np.int32)
+        self.o_reason: list[str | None] = [None] * n
+        self.ended = 0
+        self.arrived = 0
+        self.replicas: list[Replica] = []  # every replica ever created, by id
+        self.active: list[Replica] = []  # starting / serving / draining
+        self.pending: deque[EngineRequest] = deque()  # waiting for any replica to be serving
+        self._routing: dict[int, RoutingRequest] = {}
+        self._owner: dict[int, Replica] = {}
+        self._views: dict[int, _StaleView] = {}
+        self._views_refreshed_s = -1.0
+        self.series = TimeSeries()
+        self._done = self.env.event()
+        self._prefix_queries_ended = 0
+        self._prefix_hits_ended = 0
+        self._preemptions_ended = 0
+        self._replica_samples: list[int] = []
+        self._progress = None
+        self.incomplete = False
+        # Requests still in the system this long after the last arrival are declared stuck.
+        self._horizon = (float(self.arrival[-1]) if n else 0.0) + cfg.horizon_after_last_arrival_s
+
+    # -- replica management -------------------------------------------------------------------
+    def _start_replica(self, cold: bool = True) -> Replica:
+        cfg = self.cfg
+        cold_s = float(cfg.cold_start(self.rng_cold_start)) if cold else 0.0
+        r = Replica(self, len(self.replicas), cfg.engine, cfg.make_step_model(), cold_s,
+                    cfg.num_gpus_per_replica, cfg.usd_per_gpu_hour)
+        self.replicas.append(r)
+        self.active.append(r)
+        if cfg.failures.mtbf_s:
+            self.env.process(self._random_failure(r))
+        return r
+
+    def on_replica_ready(self, r: Replica) -> None:
+        while self.pending and r.state == ReplicaState.SERVING:
+            self._dispatch(self.pending.popleft())
+
+    def on_replica_ended(self, r: Replica) -> None:
+        if r in self.active:
+            self.active.remove(r)
+        kv = r.engine.kv
+        self._prefix_queries_ended += kv.prefix_queries
+        self._prefix_hits_ended += kv.prefix_hits
+        self._preemptions_ended += r.engine.num_preemptions
+        self._views.pop(r.replica_id, None)
+        self.cfg.router.on_replica_removed(r.replica_id)
+        # Requests held for a serving replica cannot wait for one that will never come.
+        if self.pending and not self.active:
+            while self.pending:
+                self._end_unserved(self.pending.popleft(), REJECTED, "no_replicas")
+
+    def on_replica_failed(self, r: Replica, aborted: list[EngineRequest]) -> None:
+        fcfg = self.cfg.failures
+        for req in aborted:
+            self._release(req, r)
+            i = req.idx
+            if fcfg.on_failure == "retry" and self.o_retries[i] < fcfg.max_retries:
+                self.o_retries[i] += 1
+                self.o_preempt[i] += req.num_preemptions
+                # A retry is a fresh request to the engine (new replica, cold KV) but keeps its
+                # original arrival time, so its latency includes the lost work.
+                fresh = self._engine_request(i)
+                fresh.first_token_s = -1.0
+                self._dispatch(fresh)
+            else:
+                self.o_preempt[i] += req.num_preemptions
+                self._end_unserved(req, FAILED, "replica_failed")
+        if fcfg.replace and self.cfg.autoscaler is None:
+            self._start_replica(cold=True)
+
+    # -- arrivals, admission, routing ----------------------------------------------------------
+    def _engine_request(self, i: int) -> EngineRequest:
+        bs = self.cfg.engine.block_size
+        kw: dict = {}
+        if self.token_ids is not None and self.token_ids[i] is not None and not _isnan(self.token_ids[i]):
+            kw["token_ids"] = self.token_ids[i]
+        elif self.hash_ids is not None and self.hash_ids[i] is not None and not _isnan(self.hash_ids[i]):
+            kw["hash_ids"] = self.hash_ids[i]
+            kw["hash_block_size"] = self.cfg.workload.hash_block_size
+        hashes = engine_block_hashes(int(self.prompt[i]), bs, unique_key=i, **kw)
+        pr = int(self.priority[i]) if self.priority is not None else 0
+        return EngineRequest(i, float(self.arrival[i]), int(self.prompt[i]), int(self.output[i]), hashes, pr)
+
+    def _routing_request(self, req: EngineRequest) -> RoutingRequest:
+        i = req.idx
+        return RoutingRequest(
+            request_id=i, arrival_s=req.arrival_s, prompt_tokens=req.prompt_tokens,
+            output_tokens=req.max_output_tokens, block_hashes=req.block_hashes[: req.prompt_tokens // self.cfg.engine.block_size],
+            session_id=None if self.session is None else _opt_str(self.session[i]),
+            tenant=None if self.tenant is None else _opt_str(self.tenant[i]),
+            priority=req.priority,
+        )
+
+    def _arrivals(self):
+        env = self.env
+        arrival = self.arrival
+        max_len = self.cfg.engine.max_model_len
+        for i in range(self.n):
+            t = arrival[i]
+            if t > env.now:
+                yield env.timeout(t - env.now)
+            self.arrived += 1
+            if self.prompt[i] + self.output[i] > max_len:
+                # vLLM's API server refuses these with HTTP 400 before they reach the engine.
+                self._end_index(i, REJECTED, "exceeds_max_model_len")
+                continue
+            req = self._engine_request(i)
+            if self.cfg.admission is not None:
+                ok, reason = self.cfg.admission.admit(self._routing_request(req), env.now, self.cluster_view())
+                if not ok:
+                    self._end_unserved(req, REJECTED, reason)
+                    continue
+            self._dispatch(req)
+
+    def _dispatch(self, req: EngineRequest) -> None:
+        serving = [r for r in self.active if r.state == ReplicaState.SERVING]
+        if not serving:
+            if any(r.state == ReplicaState.STARTING for r in self.active) or self.cfg.autoscaler is not None:
+                self.pending.append(req)  # the gateway holds it until a replica is ready
+            else:
+                self._end_unserved(req, REJECTED, "no_replicas")
+            return
+        rreq = self._routing_request(req)
+        views = self._router_views(serving)
+        rid = self.cfg.router.route(rreq, views, self.env.now)
+        target = self.replicas[rid] if 0 <= rid < len(self.replicas) else None
+        if target is None or target.state != ReplicaState.SERVING:
+            raise RuntimeError(f"router {self.cfg.router.name!r} chose replica {rid}, which is not serving")
+        target.inflight_requests += 1
+        target.inflight_tokens += req.prompt_tokens + req.max_output_tokens
+        self._routing[req.idx] = rreq
+        self._owner[req.idx] = target
+        self.o_replica[req.idx] = rid
+        self.cfg.router.on_routed(rreq, rid, self.env.now)
+        target.submit(req)
+
+    def _router_views(self, serving: list[Replica]):
+        if self.cfg.staleness_s <= 0:
+            return serving
+        now = self.env.now
+        if now - self._views_refreshed_s >= self.cfg.staleness_s:
+            # Scrape: refresh every view at once, like a router polling /metrics on a period.
+            self._views_refreshed_s = now - (now % self.cfg.staleness_s)
+            for r in self.active:
+                v = self._views.get(r.replica_id)
+                if v is None:
+                    self._views[r.replica_id] = _StaleView(r)
+                else:
+                    v.refresh()
+        out = []
+        for r in serving:
+            v = self._views.get(r.replica_id)
+            if v is None:
+                v = self._views[r.replica_id] = _StaleView(r)
+            out.append(v)
+        return out
+
+    def _release(self, req: EngineRequest, r: Replica) -> None:
+        r.inflight_requests -= 1
+        r.inflight_tokens -= req.prompt_tokens + req.max_output_tokens
+        rreq = self._routing.pop(req.idx, None)
+        self._owner.pop(req.idx, None)
+        if rreq is not None:
+            self.cfg.router.on_finished(rreq, r.replica_id, self.env.now)
+
+    # -- endings --------------------------------------------------------------------------------
+    def on_request_finished(self, r: Replica, req: EngineRequest) -> None:
+        self._release(req, r)
+        i = req.idx
+        self.o_cached[i] = max(req.cached_tokens, 0)
+        self.o_out[i] = req.num_output_tokens
+        self.o_queue[i] = req.first_scheduled_s - req.arrival_s
+        self.o_ttft[i] = req.first_token_s - req.arrival_s
+        if req.num_output_tokens > 1:
+            self.o_tpot[i] = (req.finish_s - req.first_token_s) / (req.num_output_tokens - 1)
+        self.o_e2e[i] = req.finish_s - req.arrival_s
+        self.o_finish[i] = req.finish_s
+        self.o_preempt[i] += req.num_preemptions
+        self._end_index(i, COMPLETED, None)
+
+    def _end_unserved(self, req: EngineRequest, status: str, reason: str) -> None:
+        self._end_index(req.idx, status, reason)
+
+    def _end_index(self, i: int, status: str, reason: str | None) -> None:
+        if self.o_status[i] != 0:
+            raise RuntimeError(f"request {i} ended twice ({_STATUS_NAMES[self.o_status[i]]} then {status})")
+        self.o_status[i] = {COMPLETED: 1, REJECTED: 2, FAILED: 3}[status]
+        self.o_reason[i] = reason
+        if status != COMPLETED:
+            self.o_finish[i] = self.env.now
+        self.ended += 1
+        if self._progress is not None and self.ended % 500 == 0:
+            self._progress.update(500)
+        if self.ended == self.n and not self._done.triggered:
+            self._done.succeed()
+
+    # -- autoscaling, failures, sampling -----------------------------------------------------
+    def cluster_view(self) -> ClusterView:
+        return ClusterView(now=self.env.now, replicas=list(self.active), arrivals_total=self.arrived,
+                           cluster_waiting=len(self.pending))
+
+    def _autoscale(self):
+        a = self.cfg.autoscaler
+        env = self.env
+        observe = getattr(a, "observe", None)
+        metric_period = getattr(a, "metric_period_s", None)
+        next_sync = 0.0
+        step = min(metric_period or a.sync_period_s, a.sync_period_s)
+        while True:
+            if observe is not None:
+                observe(env.now, self.cluster_view())
+            if env.now + 1e-9 >= next_sync:
+                next_sync += a.sync_period_s
+                self._apply_desired(a.desired(env.now, self.cluster_view()))
+            yield env.timeout(step)
+
+    def _apply_desired(self, desired: int) -> None:
+        desired = max(self.cfg.min_replicas, min(self.cfg.max_replicas, int(desired)))
+        current = [r for r in self.active if r.state in (ReplicaState.SERVING, ReplicaState.STARTING)]
+        if desired > len(current):
+            for _ in range(desired - len(current)):
+                self._start_replica(cold=True)
+        elif desired < len(current):
+            # Cancel replicas still starting first (newest first), then drain the least loaded.
+            order = sorted(current, key=lambda r: (r.state != ReplicaState.STARTING, r.inflight_requests, -r.replica_id))
+            for r in order[: len(current) - desired]:
+                r.drain()
+
+    def _random_failure(self, r: Replica):
+        ttf = float(self.rng_failures.exponential(self.cfg.failures.mtbf_s))
+        yield self.env.timeout(ttf)
+        if r.state not in (ReplicaState.STOPPED, ReplicaState.FAILED):
+            r.fail()
+
+    def _injected_failures(self):
+        for rid, t in sorted(self.cfg.failures.inject, key=lambda x: x[1]):
+            if t > self.env.now:
+                yield self.env.timeout(t - self.env.now)
+            if rid < len(self.replicas):
+                self.replicas[rid].fail()
+
+    def _sample(self):
+        env = self.env
+        dt = self.cfg.sample_interval_s
+        rows = self.series.rows
+        while True:
+            t = env.now
+            run_sum = wait_sum = gen = pre = 0
+            kv_sum = 0.0
+            n_rep = 0
+            for r in self.active:
+                e = r.engine
+                kv = e.kv
+                hr = kv.prefix_hits / kv.prefix_queries if kv.prefix_queries else 0.0
+                rows.append((t, r.replica_id, r.state.value, e.num_running, e.num_waiting, kv.usage(), hr,
+                             e.num_preemptions, e.tokens_generated, r.inflight_requests))
+                run_sum += e.num_running
+                wait_sum += e.num_waiting
+                kv_sum += kv.usage()
+                gen += e.tokens_generated
+                pre += e.num_preemptions
+                n_rep += r.state in (ReplicaState.SERVING, ReplicaState.STARTING)
+            in_system = self.arrived - self.ended
+            rows.append((t, -1, f"replicas={n_rep}", run_sum, wait_sum + len(self.pending),
+                         kv_sum / len(self.active) if self.active else 0.0, np.nan, pre, gen, in_system))
+            self._replica_samples.append(n_rep)
+            if self.arrived == self.n and t > self._horizon:
+                self._give_up()
+                return
+            yield env.timeout(dt)
+
+    def _give_up(self) -> None:
+        """Past the horizon with requests still in the system: end them as failed, loudly."""
+        self.incomplete = True
+        for r in list(self.active):
+            for req in r.engine.abort_all():
+                self._release(req, r)
+                self._end_unserved(req, FAILED, "unfinished_at_horizon")
+        while self.pending:
+            self._end_unserved(self.pending.popleft(), FAILED, "unfinished_at_horizon")
+
+    # -- run ---------------------------------------------------------------------------------
+    def run(self) -> "RunOutput":
+        cfg = self.cfg
+        wall0 = time.perf_counter()
+        for _ in range(cfg.replicas):
+            self._start_replica(cold=cfg.initial_cold_start)
+        self.env.process(self._arrivals())
+        self.env.process(self._sample())
+        if cfg.autoscaler is not None:
+            self.env.process(self._autoscale())
+        if cfg.failures.inject:
+            self.env.process(self._injected_failures())
+        if cfg.progress:
+            from tqdm import tqdm
+
+            self._progress = tqdm(total=self.n, unit="req", desc="simulating", leave=False, mininterval=0.5)
+        try:
+            if self.n:
+                self.env.run(until=self._done)
+        finally:
+            if self._progress is not None:
+                self._progress.close()
+        wall = time.perf_counter() - wall0
+        return self._collect(wall)
+
+    def _collect(self, wall: float) -> "RunOutput":
+        now = self.env.now
+        n = self.n
+        if int((self.o_status != 0).sum()) != n:
+            raise RuntimeError(f"conservation violated: {n - int((self.o_status != 0).sum())} requests never ended")
+        status = np.array([_STATUS_NAMES[s] for s in self.o_status], dtype=object)
+        req = pd.DataFrame({
+            "request_id": self.request_ids if self.request_ids is not None else np.arange(n),
+            "arrival_s": self.arrival,
+            "replica": self.o_replica,
+            "prompt_tokens": self.prompt,
+            "cached_tokens": self.o_cached,
+            "output_tokens": self.o_out,
+            "queue_s": self.o_queue,
+            "ttft_s": self.o_ttft,
+            "tpot_s": self.o_tpot,
+            "e2e_s": self.o_e2e,
+            "finish_s": self.o_finish,
+            "preemptions": self.o_preempt,
+            "retries": self.o_retries,
+            "status": status,
+            "reason": self.o_reason,
+            "session_id": self.session if self.session is not None else None,
+            "tenant": self.tenant if self.tenant is not None else None,
+            "priority": self.priority if self.priority is not None else 0,
+        }, columns=REQUEST_COLUMNS)
+        # Stats of replicas still alive at the end.
+        pq, ph, pre = self._prefix_queries_ended, self._prefix_hits_ended, self._preemptions_ended
+        for r in self.active:
+            pq += r.engine.kv.prefix_queries
+            ph += r.engine.kv.prefix_hits
+            pre += r.engine.num_preemptions
+        gpu_hours = sum(r.gpu_hours(now) for r in self.replicas)
+        cost = sum(r.cost_usd(now) for r in self.replicas)
+        start = float(self.arrival[0]) if n else 0.0
+        duration = max(now - start, 1e-9)
+        samples = np.array(self._replica_samples or [len(self.active)])
+        busy = np.array([r.busy_s for r in self.replicas]) if self.replicas else np.zeros(1)
+        extra = {
+            "replicas_max": int(samples.max()),
+            "replicas_mean": float(samples.mean()),
+            "replicas_started": len(self.replicas),
+            "replica_failures": sum(1 for r in self.replicas if r.state == ReplicaState.FAILED),
+            "retries": int(self.o_retries.sum()),
+            "engine_steps": int(sum(r.engine.steps for r in self.replicas)),
+            "load_imbalance": float(busy.max() / busy.mean()) if busy.mean() > 0 else 1.0,
+            "complete": not self.incomplete,
+        }
+        summary = summarize(req, self.itl, duration_s=duration, gpu_hours=gpu_hours, cost_usd=cost,
+                            prefix_queries=pq, prefix_hits=ph, preemptions=pre, slo=self.cfg.slo,
+                            sim_wall_s=wall, extra=extra)
+        return RunOutput(req, self.series.frame(), summary)
+
+
+@dataclass
+class RunOutput:
+    requests: pd.DataFrame
+    timeseries: pd.DataFrame
+    summary: dict
+
+
+def _isnan(v) -> bool:
+    return isinstance(v, float) and v != v
+
+
+def _opt_str(v) -> str | None:
+    if v is None or _isnan(v):
+        return None
+    return str(v)

@@ -19,6 +19,11 @@ app = typer.Typer(help="fleetsim: simulate LLM serving clusters (vLLM-faithful r
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 
+@app.callback()
+def _root() -> None:
+    """fleetsim: simulate LLM serving clusters whose replicas behave like vLLM V1."""
+
+
 def _fail(msg: str) -> None:
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(2)

@@ -175,10 +175,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = nxt
         val = _parse_value(raw)
         # Switching workload source: trace and synthetic are exclusive.
-        if parts == ["workload", "trace"]:
-            node.pop("synthetic", None)
-        if parts[:2] == ["workload", "synthetic"]:
-            node.pop("trace", None)
+        wl = data.get("workload")
+        if isinstance(wl, dict) and len(parts) >= 2 and parts[0] == "workload":
+            if parts[1] == "trace":
+                wl.pop("synthetic", None)
+            elif parts[1] == "synthetic":
+                wl.pop("trace", None)
         node[parts[-1]] = val
     return data
 

@@ -26,6 +26,7 @@ from policies.base import Autoscaler, ClusterView, ReplicaState, Router, Routing
 from sim.engine import EngineConfig, EngineRequest
 from sim.metrics import COMPLETED, FAILED, REJECTED, REQUEST_COLUMNS, SLO, LogHistogram, TimeSeries, summarize
 from sim.replica import Replica
+from sim.rng import stream
 from sim.step_time import StepTimeModel
 from traces.schema import Workload, engine_block_hashes
 
@@ -105,11 +106,10 @@ class Cluster:
         self.cfg = cfg
         self.env = simpy.Environment()
         self.itl = LogHistogram()
-        ss = np.random.SeedSequence(cfg.seed)
         # One RNG stream per subsystem: adding draws to one never shifts another's.
-        self.rng_cold_start, self.rng_failures, self.rng_router, _spare = (np.random.default_rng(s) for s in ss.spawn(4))
-        if getattr(cfg.router, "rng", None) is None or getattr(cfg.router, "_rng_from_cluster", True):
-            cfg.router.rng = self.rng_router
+        self.rng_cold_start = stream(cfg.seed, "cold_start")
+        self.rng_failures = stream(cfg.seed, "failures")
+        cfg.router.rng = stream(cfg.seed, "router")
         w = cfg.workload
         df = w.df
         self.n = len(df)

@@ -143,3 +143,39 @@ def test_staleness_view_lags_between_scrapes():
     stale = _run(w, replicas=3, router="least-requests", staleness_s=5.0)
     # least-requests uses router-tracked in-flight counts, which are exact either way.
     pd.testing.assert_series_equal(fresh.requests.replica, stale.requests.replica)
+
+
+class _Scripted:
+    """An autoscaler that follows a fixed schedule of desired sizes (tests the cluster mechanics)."""
+
+    name = "scripted"
+    sync_period_s = 5.0
+
+    def __init__(self, plan):
+        self.plan = plan  # list of (from_time, desired)
+
+    def desired(self, now, cluster):
+        d = cluster.current
+        for t, n in self.plan:
+            if now >= t:
+                d = n
+        return d
+
+
+def test_scale_out_cold_start_and_scale_in_drains():
+    w = _poisson(8, 800, prompt=300, output=100, seed=17)  # ~100 s of traffic
+    out = _run(w, replicas=1, autoscaler=_Scripted([(20.0, 3), (60.0, 1)]), min_replicas=1, max_replicas=4,
+               cold_start=lambda rng: 10.0, sample_interval_s=1.0)
+    s = out.summary
+    assert s["requests_completed"] == 800 and s["replicas_max"] == 3 and s["replicas_started"] == 3
+    ts = out.timeseries
+    # New replicas serve only after their 10 s cold start (sync at 20 s -> serving from 30 s).
+    served = out.requests.groupby("replica").arrival_s.min()
+    assert served.loc[1] >= 30.0 and served.loc[2] >= 30.0
+    # After scale-in at 60 s two replicas drain: they take no new requests but finish in-flight ones.
+    drained = [rid for rid in (0, 1, 2) if (out.requests[out.requests.replica == rid].arrival_s > 61).sum() == 0]
+    assert len(drained) == 2
+    states = ts[(ts.replica >= 0) & (ts.time_s > 60) & (ts.time_s < 62)].state.tolist()
+    assert "draining" in states or len(set(ts[ts.time_s > 70].replica) - {-1}) == 1
+    # Cost counts each replica from provisioning to stop.
+    assert s["gpu_hours"] < 3 * (out.requests.finish_s.max() / 3600)

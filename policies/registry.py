@@ -12,9 +12,11 @@ Add a policy by subclassing :class:`policies.base.Router` (or ``Autoscaler``) an
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from sim.errors import ConfigError
+
+_M = TypeVar("_M")
 
 ROUTERS: dict[str, type] = {}
 AUTOSCALERS: dict[str, type] = {}
@@ -36,6 +38,32 @@ def register_autoscaler(name: str) -> Callable[[type], type]:
         return cls
 
     return deco
+
+
+def parse_params(kind: str, name: str, model: type[_M], params: dict[str, Any]) -> _M:
+    """Validate a policy's parameters with its pydantic ``model`` (``extra="forbid"``).
+
+    Any problem becomes ONE-line :class:`ConfigError` naming the policy and the field, e.g.
+    ``router 'sticky': eps: Input should be greater than 0 (got -1)``; unknown keys are errors, not
+    silently ignored.
+    """
+    from pydantic import ValidationError
+
+    try:
+        return model.model_validate(params)  # type: ignore[attr-defined]
+    except ValidationError as e:
+        parts = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err.get("loc", ()))
+            msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+            if err.get("type") == "extra_forbidden":
+                msg = "unknown parameter"
+            got = err.get("input")
+            quiet = err.get("type") in ("extra_forbidden", "missing", "value_error") or not loc
+            tail = "" if quiet else f" (got {got!r})"
+            loc = loc or "(parameters)"
+            parts.append(f"{loc}: {msg}{tail}")
+        raise ConfigError(f"{kind} {name!r}: " + "; ".join(parts).replace("\n", " ")) from None
 
 
 def _load_builtin() -> None:

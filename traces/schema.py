@@ -16,6 +16,13 @@ The engine never sees source-block ids directly: :func:`engine_block_hashes` tur
 prefix identity into vLLM-style chained hashes over ``block_size``-token engine blocks (16 by
 default), deterministically, so that shared source blocks stay shared and the unshared tail of a
 prompt stays unique to its request.
+
+Storage (what the loaders in :mod:`traces.formats` produce, see :func:`normalize_frame`):
+numeric columns are numpy-backed (``float64`` / ``int64``; ``turn`` and ``priority`` are the
+nullable ``Int64``), text columns use pandas' Arrow-backed ``str`` dtype, and the list columns
+use ``pd.ArrowDtype(pa.list_(pa.int64()))`` so a 10M-row trace holds no Python object per row.
+A missing list entry is ``pd.NA``; element access gives a Python list, ``.to_numpy()`` gives
+numpy arrays. :meth:`Workload.list_csr` exposes a list column as flat numpy ``(offsets, values)``.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 REQUIRED_COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens")
 OPTIONAL_COLUMNS = (
@@ -37,6 +45,10 @@ OPTIONAL_COLUMNS = (
     "hash_ids",
     "token_ids",
 )
+STRING_COLUMNS = ("request_id", "session_id", "tenant", "slo_class", "model")
+NULLABLE_INT_COLUMNS = ("turn", "priority")
+LIST_COLUMNS = ("hash_ids", "token_ids")
+LIST_DTYPE = pd.ArrowDtype(pa.list_(pa.int64()))
 
 # Seed of the hash chain (vLLM's NONE_HASH plays the same role).
 _NONE_HASH = 0x5F3759DF
@@ -138,38 +150,129 @@ class Workload:
     def has(self, column: str) -> bool:
         return column in self.df.columns and not self.df[column].isna().all()
 
+    def list_csr(self, column: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A list column as numpy ``(offsets, values, present)``; row i is
+        ``values[offsets[i]:offsets[i+1]]`` (empty where ``present[i]`` is False)."""
+        return list_column_csr(self.df[column])
+
     def block_hashes(self, i: int, block_size: int) -> list[int]:
         """Engine block hashes for request row ``i`` (see :func:`engine_block_hashes`)."""
         row = self.df.iloc[i]
         kwargs: dict = {}
-        if "token_ids" in self.df.columns and row["token_ids"] is not None and not _isnan(row["token_ids"]):
+        if "token_ids" in self.df.columns and _present(row["token_ids"]):
             kwargs["token_ids"] = row["token_ids"]
-        elif "hash_ids" in self.df.columns and row["hash_ids"] is not None and not _isnan(row["hash_ids"]):
+        elif "hash_ids" in self.df.columns and _present(row["hash_ids"]):
             kwargs["hash_ids"] = row["hash_ids"]
             kwargs["hash_block_size"] = self.hash_block_size
         return engine_block_hashes(int(row["prompt_tokens"]), block_size, unique_key=i, **kwargs)
 
+    def block_hashes_csr(self, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Engine block hashes of every request as CSR ``(offsets, uint64 values)``, vectorised.
+
+        Bit-identical to calling :meth:`block_hashes` per row, ~50x faster; what an engine
+        should precompute once per run.
+        """
+        from traces import hashing
+
+        kw: dict = {}
+        if self.has("token_ids") and hashing.TUPLE_HASH_OK:
+            off, val, present = self.list_csr("token_ids")
+            if val.size and val.min() < 0:
+                return self._block_hashes_csr_scalar(block_size)
+            kw["token_ids"], kw["token_present"] = (off, val), present
+        elif self.has("token_ids"):
+            return self._block_hashes_csr_scalar(block_size)
+        if self.has("hash_ids") and self.hash_block_size:
+            off, val, present = self.list_csr("hash_ids")
+            kw["hash_ids"], kw["hash_present"] = (off, val), present
+            kw["hash_block_size"] = self.hash_block_size
+        return hashing.engine_block_hashes_csr(self.df["prompt_tokens"].to_numpy(np.int64), block_size, **kw)
+
+    def _block_hashes_csr_scalar(self, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+        lists = [self.block_hashes(i, block_size) for i in range(len(self.df))]
+        offsets = np.zeros(len(lists) + 1, dtype=np.int64)
+        np.cumsum([len(x) for x in lists], out=offsets[1:])
+        vals = np.array([v for x in lists for v in x], dtype=np.uint64)
+        return offsets, vals
+
     def all_block_hashes(self, block_size: int) -> list[list[int]]:
         """Engine block hashes for every request (computed once per run, never per step)."""
-        n = len(self.df)
-        pt = self.df["prompt_tokens"].to_numpy()
-        tok = self.df["token_ids"].to_numpy() if self.has("token_ids") else None
-        hid = self.df["hash_ids"].to_numpy() if self.has("hash_ids") else None
-        out = []
-        for i in range(n):
-            kw: dict = {}
-            if tok is not None and _present(tok[i]):
-                kw["token_ids"] = tok[i]
-            elif hid is not None and _present(hid[i]):
-                kw["hash_ids"] = hid[i]
-                kw["hash_block_size"] = self.hash_block_size
-            out.append(engine_block_hashes(int(pt[i]), block_size, unique_key=i, **kw))
-        return out
+        off, val = self.block_hashes_csr(block_size)
+        flat = val.tolist()
+        return [flat[off[i] : off[i + 1]] for i in range(len(off) - 1)]
+
+
+def list_column_csr(col: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flatten a list column (Arrow-backed or object of arrays) into numpy CSR without a
+    Python object per row when it is Arrow-backed."""
+    n = len(col)
+    if isinstance(col.dtype, pd.ArrowDtype):
+        arr = pa.chunked_array(col.array._pa_array).combine_chunks()  # type: ignore[attr-defined]
+        if isinstance(arr, pa.ChunkedArray):  # pragma: no cover - older pyarrow
+            arr = arr.combine_chunks()
+        present = ~np.asarray(arr.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+        lens = np.asarray(pa.compute.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)
+        flat = arr.flatten()  # skips null rows' (empty) slots, respects slicing offsets
+        values = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.int64)
+    else:
+        items = col.to_numpy()
+        present = np.array([_present(v) for v in items], dtype=bool)
+        lens = np.array([len(v) if p else 0 for v, p in zip(items, present)], dtype=np.int64)
+        values = (
+            np.concatenate([np.asarray(v, dtype=np.int64) for v, p in zip(items, present) if p and len(v)])
+            if lens.sum()
+            else np.zeros(0, dtype=np.int64)
+        )
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    return offsets, values, present
+
+
+def csr_to_list_array(offsets: np.ndarray, values: np.ndarray, present: np.ndarray | None = None) -> pd.arrays.ArrowExtensionArray:
+    """numpy CSR -> Arrow-backed list column (no Python object per row)."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    mask = None if present is None else pa.array(~np.asarray(present, dtype=bool))
+    arr = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(np.asarray(values, dtype=np.int64)), mask=mask)
+    arr = arr.cast(pa.list_(pa.int64()))
+    return pd.arrays.ArrowExtensionArray(arr)
+
+
+def normalize_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """Cast the known columns to their storage dtypes (see module docstring) and order them.
+
+    Unknown columns are kept after the known ones (loaders add none; users' Parquet may).
+    """
+    out = {}
+    out["arrival_s"] = df["arrival_s"].astype("float64")
+    out["prompt_tokens"] = df["prompt_tokens"].astype("int64")
+    out["output_tokens"] = df["output_tokens"].astype("int64")
+    for c in OPTIONAL_COLUMNS:
+        if c not in df.columns:
+            continue
+        col = df[c]
+        if c in STRING_COLUMNS:
+            out[c] = col.astype("str") if col.dtype != "str" else col
+            out[c] = out[c].where(col.notna(), np.nan)
+        elif c in NULLABLE_INT_COLUMNS:
+            out[c] = col.astype("Int64")
+        else:
+            out[c] = col if col.dtype == LIST_DTYPE else _to_list_series(col)
+    for c in df.columns:
+        if c not in out:
+            out[c] = df[c]
+    return pd.DataFrame(out).reset_index(drop=True)
+
+
+def _to_list_series(col: pd.Series) -> pd.Series:
+    if isinstance(col.dtype, pd.ArrowDtype):
+        return col.astype(LIST_DTYPE)
+    items = [None if not _present(v) else np.asarray(v, dtype=np.int64) for v in col.to_numpy()]
+    return pd.Series(pa.array(items, type=pa.list_(pa.int64())), dtype=LIST_DTYPE, index=col.index)
 
 
 def _present(v) -> bool:
-    return v is not None and not _isnan(v)
+    return v is not None and v is not pd.NA and not _isnan(v)
 
 
 def _isnan(v) -> bool:
-    return isinstance(v, float) and v != v
+    return (isinstance(v, float) and v != v) or v is pd.NA

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-from policies.base import Autoscaler, ClusterView
+from policies.autoscalers.common import BoundedAutoscaler
+from policies.base import ClusterView
 from policies.registry import register_autoscaler
 
 
 @register_autoscaler("none")
-class NoAutoscaler(Autoscaler):
-    """Keeps the fleet at its configured size."""
+class NoAutoscaler(BoundedAutoscaler):
+    """Keeps the fleet at its current size (clamped to ``[min_replicas, max_replicas]`` if given)."""
 
-    def __init__(self, rng=None, **params):
-        if params:
-            from sim.errors import ConfigError
-
-            raise ConfigError(f"autoscaler 'none': unknown parameter(s) {sorted(params)}")
-
-    def desired(self, now: float, cluster: ClusterView) -> int:
+    def decide(self, now: float, cluster: ClusterView) -> int:
         return cluster.current

@@ -1,0 +1,97 @@
+"""Prefix-cache-aware routing: send a request where its prompt's leading blocks are already cached.
+
+Rule (``route``), with ``matched(r)`` = leading blocks of ``request.block_hashes`` cached on replica
+``r`` and ``total`` = number of full blocks of the prompt:
+
+1. **Load guard.** Candidates are the replicas with ``inflight(r) <= min_inflight + max_imbalance``
+   (default 8, AIBrix's ``POD_RUNNING_REQUEST_IMBALANCE_ABS_COUNT``): a replica that is already far
+   busier than the least busy one is not chosen for its cache (recomputing a prefix is cheaper than
+   queueing behind a long batch). ``max_imbalance: null`` disables the guard.
+2. **Score** ``matched(r) / total`` (llm-d ``prefix-cache-scorer``). If the best candidate score is
+   0, or below ``min_match_ratio``, the cache does not help: **fall back** to the candidate with the
+   fewest in-flight requests (random tie-break).
+3. Otherwise pick the best-scoring candidate; **ties** go to fewer in-flight requests, then random.
+
+``mode: approximate`` reads a router-side per-replica LRU of block hashes (llm-d's approximate
+scorer, see :mod:`policies.routers.prefix_index`), updated in ``on_routed``; ``mode: precise`` reads
+the replica's true cache (``ReplicaView.cached_prefix_blocks``), like KV-event-fed routers.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from policies.base import ReplicaView, Router, RoutingRequest
+from policies.registry import parse_params, register_router
+from policies.routers.prefix_index import PrefixMatcher
+from policies.routers.selection import argmin_random
+
+
+class PrefixParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["approximate", "precise"] = "approximate"
+    cache_blocks: int | None = Field(None, ge=1, description="approximate LRU size; default: replica cache size")
+    max_imbalance: int | None = Field(8, ge=0, description="load guard on in-flight requests; null = off")
+    min_match_ratio: float = Field(0.0, ge=0.0, le=1.0)
+
+
+def load_guard(views: Sequence[ReplicaView], max_imbalance: int | None) -> list[ReplicaView]:
+    """Replicas within ``max_imbalance`` in-flight requests of the least-loaded one."""
+    if max_imbalance is None:
+        return list(views)
+    lo = min(v.inflight_requests for v in views)
+    return [v for v in views if v.inflight_requests <= lo + max_imbalance]
+
+
+class PrefixRule:
+    """The prefix-aware decision (shared by ``prefix-aware`` and the ``seed`` hybrid)."""
+
+    def __init__(self, cfg: PrefixParams, rng):
+        self.cfg = cfg
+        self.rng = rng
+        self.matcher = PrefixMatcher(cfg.mode, cfg.cache_blocks)
+        self.last_decision = ""  # "prefix" or "fallback" (for tests and traces)
+
+    def route(self, request: RoutingRequest, views: Sequence[ReplicaView]) -> int:
+        cands = load_guard(views, self.cfg.max_imbalance)
+        total = len(request.block_hashes)
+        if total:
+            matched = self.matcher.matches(request.block_hashes, cands)
+            best = max(matched)
+            if best > 0 and best / total >= self.cfg.min_match_ratio:
+                self.last_decision = "prefix"
+                top = [v for v, m in zip(cands, matched) if m == best]
+                return argmin_random(top, lambda v: v.inflight_requests, self.rng).replica_id
+        self.last_decision = "fallback"
+        return argmin_random(cands, lambda v: v.inflight_requests, self.rng).replica_id
+
+
+@register_router("prefix-aware")
+class PrefixAware(Router):
+    """Longest cached prefix wins, behind a load guard (see module docstring).
+
+    Parameters: ``mode`` (approximate|precise), ``cache_blocks`` (approximate LRU size per replica;
+    default the replica's ``num_total_blocks``), ``max_imbalance`` (8), ``min_match_ratio`` (0.0).
+    """
+
+    def __init__(self, rng=None, **params):
+        cfg = parse_params("router", "prefix-aware", PrefixParams, params)
+        super().__init__(rng)
+        self.mode = cfg.mode
+        self._rule = PrefixRule(cfg, None)
+
+    @property
+    def last_decision(self) -> str:
+        return self._rule.last_decision
+
+    def route(self, request: RoutingRequest, views: Sequence[ReplicaView], now: float) -> int:
+        self._rule.rng = self.rng  # the cluster may replace self.rng after construction
+        return self._rule.route(request, views)
+
+    def on_routed(self, request: RoutingRequest, replica_id: int, now: float) -> None:
+        self._rule.matcher.on_routed(request.block_hashes, replica_id)
+
+    def on_replica_removed(self, replica_id: int) -> None:
+        self._rule.matcher.on_replica_removed(replica_id)

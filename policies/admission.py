@@ -163,8 +163,8 @@ class AdmissionController:
         t.tokens.level -= request.output_tokens if output_tokens is None else output_tokens
 
 
-def make_admission(params: dict | None) -> AdmissionController | None:
-    """``admission:`` section of a scenario -> controller (None when absent or empty)."""
+def make_admission(**params) -> AdmissionController | None:
+    """``admission:`` section of a scenario (as keywords) -> controller; None when empty."""
     if not params:
         return None
     return AdmissionController(**params)

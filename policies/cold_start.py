@@ -2,19 +2,21 @@
 
 A cold start is the sum of independent parts (reference-serving-systems.md C.7):
 
-- ``provisioning``: a node to run on (0 when one is free; 60-300 s to provision one; plus pod
+- ``provision_s``: a node to run on (0 when one is free; 60-300 s to provision one; plus pod
   scheduling and image pull),
-- ``weights``: loading weights (about 10 s from a hot page cache, 100 s and more downloading),
-- ``compile``: torch.compile + CUDA-graph capture + engine init (20-150 s; much less with a warm
+- ``weights_s``: loading weights (about 10 s from a hot page cache, 100 s and more downloading),
+- ``compile_s``: torch.compile + CUDA-graph capture + engine init (20-150 s; much less with a warm
   compile cache),
-- ``base``: any fixed remainder (a bare number in a scenario sets only this).
+- ``base_s``: any fixed remainder (a bare number given to :meth:`ColdStartDistribution.from_config`
+  sets only this).
 
-Each part is a distribution (:class:`Dist`): a number (constant) or ``{dist: constant|uniform|normal|
-lognormal, ...}``, optionally with ``p``, the probability that the part happens at all (e.g.
+Each part is a distribution (:class:`Dist`): a number (constant), ``[low, high]`` (uniform), or
+``{dist: fixed|constant|uniform|normal|lognormal, ...}`` with ``value`` / ``low, high`` / ``mean, sd`` /
+``median, sigma``, optionally with ``p``, the probability that the part happens at all (e.g.
 provisioning only when no warm node is free). Normal draws are clipped at 0. Sampling takes the
 caller's ``numpy.random.Generator`` (the cluster's cold-start stream), so runs are reproducible.
 
-Presets (``cold_start_s: <name>``):
+Presets (:meth:`ColdStartDistribution.from_config` with a name):
 
 - ``reference``: the reference's suggested distribution: provisioning p=0.5 x U(60, 300), weights
   U(10, 120), compile U(20, 150).
@@ -22,7 +24,7 @@ Presets (``cold_start_s: <name>``):
   graphs 17 s, first response about 59 s): weights U(1, 15), compile U(25, 60).
 - ``new-node``: every replica needs a node and a weight download (vllm#19824, 70B TP=8): provisioning
   U(60, 300), weights U(100, 300), compile U(60, 150).
-- ``blis``: BLIS's calibrated node-to-serving delay, normal(240, 30) as ``base``.
+- ``blis``: BLIS's calibrated node-to-serving delay, normal(240, 30) as ``base_s``.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class Dist(BaseModel):
     """One cold-start part: ``dist`` with its parameters, happening with probability ``p``."""
 
     model_config = ConfigDict(extra="forbid")
-    dist: Literal["constant", "uniform", "normal", "lognormal"] = "constant"
+    dist: Literal["constant", "fixed", "uniform", "normal", "lognormal"] = "constant"
     value: float | None = Field(None, ge=0)
     low: float | None = Field(None, ge=0)
     high: float | None = Field(None, ge=0)
@@ -57,6 +59,8 @@ class Dist(BaseModel):
             return {"dist": "constant", "value": x}
         if isinstance(x, (list, tuple)) and len(x) == 2:
             return {"dist": "uniform", "low": x[0], "high": x[1]}
+        if isinstance(x, dict) and x.get("dist") == "fixed":
+            return {**x, "dist": "constant"}
         return x
 
     @model_validator(mode="after")
@@ -102,44 +106,54 @@ class Dist(BaseModel):
 
 @dataclass(frozen=True, slots=True)
 class ColdStartSample:
-    provisioning_s: float
+    provision_s: float
     weights_s: float
     compile_s: float
     base_s: float
 
     @property
     def total_s(self) -> float:
-        return self.provisioning_s + self.weights_s + self.compile_s + self.base_s
+        return self.provision_s + self.weights_s + self.compile_s + self.base_s
 
 
-class ColdStartSpec(BaseModel):
+class ColdStartDistribution(BaseModel):
     """The cold-start distribution of one replica type (see module docstring)."""
 
     model_config = ConfigDict(extra="forbid")
-    provisioning: Dist = Field(default_factory=lambda: Dist(value=0))
-    weights: Dist = Field(default_factory=lambda: Dist(value=0))
-    compile: Dist = Field(default_factory=lambda: Dist(value=0))
-    base: Dist = Field(default_factory=lambda: Dist(value=0))
+    provision_s: Dist = Field(default_factory=lambda: Dist(value=0))
+    weights_s: Dist = Field(default_factory=lambda: Dist(value=0))
+    compile_s: Dist = Field(default_factory=lambda: Dist(value=0))
+    base_s: Dist = Field(default_factory=lambda: Dist(value=0))
 
-    def sample(self, rng: np.random.Generator) -> ColdStartSample:
+    def sample_parts(self, rng: np.random.Generator) -> ColdStartSample:
+        """One draw of every part (always in the same order, so draws are reproducible)."""
         return ColdStartSample(
-            self.provisioning.sample(rng), self.weights.sample(rng), self.compile.sample(rng), self.base.sample(rng)
+            self.provision_s.sample(rng), self.weights_s.sample(rng), self.compile_s.sample(rng), self.base_s.sample(rng)
         )
 
+    def sample(self, rng: np.random.Generator) -> float:
+        """Total cold-start seconds of one new replica."""
+        return self.sample_parts(rng).total_s
+
     def mean_s(self) -> float:
-        return sum(d.mean_s() for d in (self.provisioning, self.weights, self.compile, self.base))
+        return sum(d.mean_s() for d in (self.provision_s, self.weights_s, self.compile_s, self.base_s))
 
     @classmethod
-    def from_config(cls, x: Any, where: str = "autoscaler.cold_start_s") -> "ColdStartSpec":
+    def from_spec(cls, spec: dict, where: str = "cold_start_s") -> "ColdStartDistribution":
+        """From a mapping of parts (e.g. the scenario's ``ColdStartSpec.model_dump()``)."""
+        return cls.from_config(dict(spec), where)
+
+    @classmethod
+    def from_config(cls, x: Any, where: str = "cold_start_s") -> "ColdStartDistribution":
         """A number (constant seconds), a preset name, or a mapping of parts."""
-        if isinstance(x, ColdStartSpec):
+        if isinstance(x, ColdStartDistribution):
             return x
         if isinstance(x, bool):
             raise ConfigError(f"{where}: expected seconds, a preset {sorted(PRESETS)} or a mapping (got {x!r})")
         if isinstance(x, (int, float)):
             if x < 0:
                 raise ConfigError(f"{where}: must be >= 0 (got {x!r})")
-            return cls(base=Dist(value=float(x)))
+            return cls(base_s=Dist(value=float(x)))
         if isinstance(x, str):
             if x not in PRESETS:
                 raise ConfigError(f"{where}: unknown preset {x!r}; known: {sorted(PRESETS)}")
@@ -154,9 +168,9 @@ class ColdStartSpec(BaseModel):
 
 
 PRESETS: dict[str, dict] = {
-    "reference": {"provisioning": {"dist": "uniform", "low": 60, "high": 300, "p": 0.5},
-                  "weights": [10, 120], "compile": [20, 150]},
-    "warm": {"weights": [1, 15], "compile": [25, 60]},
-    "new-node": {"provisioning": [60, 300], "weights": [100, 300], "compile": [60, 150]},
-    "blis": {"base": {"dist": "normal", "mean": 240, "sd": 30}},
+    "reference": {"provision_s": {"dist": "uniform", "low": 60, "high": 300, "p": 0.5},
+                  "weights_s": [10, 120], "compile_s": [20, 150]},
+    "warm": {"weights_s": [1, 15], "compile_s": [25, 60]},
+    "new-node": {"provision_s": [60, 300], "weights_s": [100, 300], "compile_s": [60, 150]},
+    "blis": {"base_s": {"dist": "normal", "mean": 240, "sd": 30}},
 }

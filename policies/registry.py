@@ -8,10 +8,16 @@ Add a policy by subclassing :class:`policies.base.Router` (or ``Autoscaler``) an
     class ShortestQueue(Router):
         def route(self, request, views, now):
             return min(views, key=lambda v: (v.num_waiting, v.replica_id)).replica_id
+
+A plain function ``route(request, views, now) -> replica_id`` (optionally taking ``rng`` too) can be
+registered the same way. A scenario may also name a policy by import path, ``"mymodule:MyRouter"``
+(a Router class or such a function; for autoscalers an Autoscaler class), with no registration.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from typing import Any, Callable, TypeVar
 
 from sim.errors import ConfigError
@@ -22,11 +28,32 @@ ROUTERS: dict[str, type] = {}
 AUTOSCALERS: dict[str, type] = {}
 
 
-def register_router(name: str) -> Callable[[type], type]:
-    def deco(cls: type) -> type:
-        cls.name = name
-        ROUTERS[name] = cls
-        return cls
+def function_router(fn: Callable, name: str | None = None) -> type:
+    """A Router class around a stateless function ``fn(request, views, now[, rng]) -> replica_id``."""
+    from policies.base import Router
+
+    takes_rng = "rng" in inspect.signature(fn).parameters
+
+    def route(self, request, views, now):
+        return fn(request, views, now, rng=self.rng) if takes_rng else fn(request, views, now)
+
+    return type(f"FunctionRouter[{getattr(fn, '__name__', 'fn')}]", (Router,),
+                {"name": name or getattr(fn, "__name__", "function"), "route": route, "__doc__": fn.__doc__})
+
+
+def register_router(name: str) -> Callable[[Any], Any]:
+    """Class decorator (a Router subclass) or function decorator (see :func:`function_router`).
+    Decorating a function registers a wrapper class and returns the function unchanged."""
+
+    def deco(obj: Any) -> Any:
+        if isinstance(obj, type):
+            obj.name = name
+            ROUTERS[name] = obj
+            return obj
+        if callable(obj):
+            ROUTERS[name] = function_router(obj, name)
+            return obj
+        raise TypeError(f"register_router({name!r}) needs a Router subclass or a function")
 
     return deco
 
@@ -72,21 +99,47 @@ def _load_builtin() -> None:
     import policies.autoscalers  # noqa: F401
 
 
+def _import_policy(kind: str, policy: str) -> Any:
+    mod, _, attr = policy.partition(":")
+    try:
+        return getattr(importlib.import_module(mod), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"{kind}.policy: cannot import {policy!r} ({e})") from None
+
+
 def make_router(policy: str, rng=None, **params: Any):
     _load_builtin()
-    if policy not in ROUTERS:
+    if policy in ROUTERS:
+        cls = ROUTERS[policy]
+    elif ":" in policy:
+        from policies.base import Router
+
+        cls = _import_policy("router", policy)
+        if not (isinstance(cls, type) and issubclass(cls, Router)):
+            if not callable(cls):
+                raise ConfigError(f"router.policy: {policy!r} is neither a Router subclass nor a function")
+            cls = function_router(cls)
+    else:
         raise ConfigError(f"router.policy: unknown router {policy!r}; known: {sorted(ROUTERS)}")
     try:
-        return ROUTERS[policy](rng=rng, **params)
+        return cls(rng=rng, **params)
     except TypeError as e:
         raise ConfigError(f"router {policy!r}: bad parameters: {e}") from None
 
 
 def make_autoscaler(policy: str, rng=None, **params: Any):
     _load_builtin()
-    if policy not in AUTOSCALERS:
+    if policy in AUTOSCALERS:
+        cls = AUTOSCALERS[policy]
+    elif ":" in policy:
+        from policies.base import Autoscaler
+
+        cls = _import_policy("autoscaler", policy)
+        if not (isinstance(cls, type) and issubclass(cls, Autoscaler)):
+            raise ConfigError(f"autoscaler.policy: {policy!r} is not an Autoscaler subclass")
+    else:
         raise ConfigError(f"autoscaler.policy: unknown autoscaler {policy!r}; known: {sorted(AUTOSCALERS)}")
     try:
-        return AUTOSCALERS[policy](rng=rng, **params)
+        return cls(rng=rng, **params)
     except TypeError as e:
         raise ConfigError(f"autoscaler {policy!r}: bad parameters: {e}") from None

@@ -107,6 +107,10 @@ class Replica:
                 start = env.now
                 plan = engine.schedule(start)
                 if plan.empty:
+                    if plan.preempted:
+                        # vLLM too can return an empty step when the only candidate preempted
+                        # itself (priority policy); the next schedule() sees the freed blocks.
+                        continue
                     raise EngineStalled(
                         f"replica {self.replica_id}: {engine.num_waiting} waiting, {engine.num_running} running "
                         f"but nothing schedulable (free blocks {engine.kv.num_free_blocks})")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from policies import ClusterView, ReplicaState, make_autoscaler
-from policies.cold_start import PRESETS, ColdStartSpec
+from policies.cold_start import PRESETS, ColdStartDistribution
 from sim.errors import ConfigError
 
 S, ST, DR = ReplicaState.SERVING, ReplicaState.STARTING, ReplicaState.DRAINING
@@ -94,6 +94,15 @@ def test_hpa_scale_down_window_tracks_intermediate_recommendations():
     assert a.desired(401, cluster(serving=4, num_running=1)) == 1
 
 
+def test_hpa_warm_start_seeds_the_window_with_the_initial_size():
+    warm = make_autoscaler("hpa", metric="running", target=10, max_replicas=20)
+    cold = make_autoscaler("hpa", metric="running", target=10, max_replicas=20, warm_start=False)
+    idle = cluster(serving=6, num_running=0)
+    assert cold.desired(0, idle) == 1  # a brand-new HPA has no history: straight to min
+    assert [warm.desired(t, idle) for t in (0, 150, 285)] == [6, 6, 6]
+    assert warm.desired(300, idle) == 1
+
+
 def test_hpa_scale_down_rate_policy():
     a = make_autoscaler("hpa", metric="running", target=10, max_replicas=20,
                         scale_down={"stabilization_window_s": 0, "policies": [{"type": "pods", "value": 2, "period_s": 60}]})
@@ -108,7 +117,7 @@ def test_hpa_starting_replicas_are_conservative():
     assert a.desired(0, cluster(serving=2, starting=2, num_running=20)) == 4
     # ... at 3x target: (30+30+0+0)/4/10 = 1.5 -> ceil(1.5 * 4) = 6
     assert a.desired(15, cluster(serving=2, starting=2, num_running=30)) == 6
-    b = make_autoscaler("hpa", metric="running", target=10, max_replicas=20)
+    b = make_autoscaler("hpa", metric="running", target=10, max_replicas=20, warm_start=False)
     # scale-down: 2 ready at half target, 2 starting count as at target -> 0.75 * 4 = 3
     assert b.desired(0, cluster(serving=2, starting=2, num_running=5)) == 3
     # draining replicas are ignored entirely
@@ -329,37 +338,42 @@ def test_bad_parameters_raise_one_line_config_errors(name, params, fragment):
 # -- cold start -----------------------------------------------------------------------------------
 
 def test_cold_start_sampling_is_seeded_and_sums_parts():
-    spec = ColdStartSpec.from_config("reference")
-    a = spec.sample(np.random.default_rng(5))
-    b = spec.sample(np.random.default_rng(5))
+    spec = ColdStartDistribution.from_config("reference")
+    a = spec.sample_parts(np.random.default_rng(5))
+    b = spec.sample_parts(np.random.default_rng(5))
     assert a == b
-    assert a.total_s == pytest.approx(a.provisioning_s + a.weights_s + a.compile_s + a.base_s)
+    assert a.total_s == pytest.approx(a.provision_s + a.weights_s + a.compile_s + a.base_s)
+    assert spec.sample(np.random.default_rng(5)) == a.total_s
     g = np.random.default_rng(1)
-    xs = [spec.sample(g) for _ in range(4000)]
-    prov = np.array([x.provisioning_s for x in xs])
+    xs = [spec.sample_parts(g) for _ in range(4000)]
+    prov = np.array([x.provision_s for x in xs])
     assert 0.45 < (prov == 0).mean() < 0.55  # p = 0.5
     assert prov[prov > 0].min() >= 60 and prov.max() <= 300
     assert np.mean([x.total_s for x in xs]) == pytest.approx(spec.mean_s(), rel=0.03)
 
 
 def test_cold_start_forms():
-    assert ColdStartSpec.from_config(90).sample(np.random.default_rng(0)).total_s == 90.0
-    blis = ColdStartSpec.from_config("blis")
+    assert ColdStartDistribution.from_config(90).sample(np.random.default_rng(0)) == 90.0
+    blis = ColdStartDistribution.from_config("blis")
     g = np.random.default_rng(2)
-    xs = np.array([blis.sample(g).total_s for _ in range(3000)])
+    xs = np.array([blis.sample(g) for _ in range(3000)])
     assert abs(xs.mean() - 240) < 3 and abs(xs.std() - 30) < 3
-    spec = ColdStartSpec.from_config({"weights": [10, 20], "compile": {"dist": "lognormal", "median": 30, "sigma": 0.2}})
-    s = spec.sample(np.random.default_rng(0))
-    assert 10 <= s.weights_s <= 20 and s.compile_s > 0 and s.provisioning_s == 0
+    spec = ColdStartDistribution.from_config({"weights_s": [10, 20], "compile_s": {"dist": "lognormal", "median": 30, "sigma": 0.2}})
+    s = spec.sample_parts(np.random.default_rng(0))
+    assert 10 <= s.weights_s <= 20 and s.compile_s > 0 and s.provision_s == 0
+    # the scenario's ColdStartSpec.model_dump() shape: numbers and {dist: fixed|...} mappings
+    lead = ColdStartDistribution.from_spec({"provision_s": 0.0, "weights_s": {"dist": "fixed", "value": 12},
+                                            "compile_s": {"dist": "uniform", "low": 20, "high": 40}})
+    assert 32 <= lead.sample(np.random.default_rng(0)) <= 52
     assert set(PRESETS) >= {"reference", "warm", "new-node", "blis"}
 
 
 @pytest.mark.parametrize(
     "x,fragment",
-    [(-5, "must be >= 0"), ("lukewarm", "unknown preset"), ({"weights": {"dist": "uniform", "low": 5}}, "needs low, high"),
-     ({"weights": [20, 10]}, "low <= high"), ({"network": 3}, "network"), (True, "expected seconds")],
+    [(-5, "must be >= 0"), ("lukewarm", "unknown preset"), ({"weights_s": {"dist": "uniform", "low": 5}}, "needs low, high"),
+     ({"weights_s": [20, 10]}, "low <= high"), ({"network": 3}, "network"), (True, "expected seconds")],
 )
 def test_cold_start_bad_config(x, fragment):
     with pytest.raises(ConfigError) as e:
-        ColdStartSpec.from_config(x)
+        ColdStartDistribution.from_config(x)
     assert fragment in str(e.value) and "\n" not in str(e.value)

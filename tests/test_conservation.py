@@ -2,7 +2,7 @@
 
 import numpy as np
 import pandas as pd
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from policies import make_router
@@ -29,6 +29,8 @@ LIN = LinearStepTime({"const": 0.003, "prefill_tokens": 5e-5, "decode_seqs": 1e-
     policy=st.sampled_from(["fcfs", "priority"]),
     seed=st.integers(0, 2**16),
 )
+@example(n=28, rate=15.0, prompt_max=1, out_max=263, replicas=2, blocks=41, budget=64, router="round-robin",
+         fail_at=[], on_failure="retry", policy="priority", seed=0)  # empty step after self-preemption
 def test_every_request_ends_exactly_once(n, rate, prompt_max, out_max, replicas, blocks, budget, router,
                                          fail_at, on_failure, policy, seed):
     rng = np.random.default_rng(seed)

@@ -17,7 +17,8 @@ def _drain(engine, t=0.0, dt=0.01, max_steps=100_000, check=None):
     steps = 0
     while engine.has_work():
         plan = engine.schedule(t)
-        assert not plan.empty, "engine stalled"
+        # An empty step is legal only right after a self-preemption (vLLM does the same).
+        assert not plan.empty or plan.preempted, "engine stalled"
         if check:
             check(engine, plan)
         t += dt

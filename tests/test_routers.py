@@ -533,3 +533,63 @@ def test_bad_parameters_raise_one_line_config_errors(name, params, fragment):
         make_router(name, **params)
     msg = str(e.value)
     assert fragment in msg and "\n" not in msg
+
+
+# -- user-written routers -------------------------------------------------------------------------
+
+def fewest_waiting(request, views, now):
+    """The docs' function-router example."""
+    return min(views, key=lambda v: (v.num_waiting, v.replica_id)).replica_id
+
+
+def test_user_function_router_by_import_path_and_registration():
+    from policies import register_router
+
+    vs = [FakeView(0, num_waiting=3), FakeView(1, num_waiting=1), FakeView(2, num_waiting=1)]
+    r = make_router(f"{__name__}:fewest_waiting")
+    assert r.route(req(), vs, 0) == 1
+    with pytest.raises(ConfigError, match="unknown parameter"):
+        make_router(f"{__name__}:fewest_waiting", depth=3)
+
+    @register_router("test-random-of-idle")
+    def random_idle(request, views, now, rng):
+        idle = [v for v in views if v.num_waiting == 0] or list(views)
+        return idle[int(rng.integers(len(idle)))].replica_id
+
+    r2 = make_router("test-random-of-idle", rng=rng(0))
+    assert {r2.route(req(), [FakeView(0, num_waiting=2), FakeView(4), FakeView(5)], 0) for _ in range(50)} == {4, 5}
+    with pytest.raises(ConfigError, match="cannot import"):
+        make_router("no_such_module_xyz:router")
+
+
+def test_user_router_class_with_state_by_import_path():
+    r = make_router(f"{__name__}:CacheAffinityDocExample", rng=rng())
+    vs = views(3)
+    a = req(chain(1, 4))
+    first = r.route(a, vs, 0)
+    r.on_routed(a, first, 0)
+    assert r.route(req(chain(1, 4)), vs, 0) == first
+
+
+from policies import Router  # noqa: E402
+
+
+class CacheAffinityDocExample(Router):
+    """The docs' stateful router example: remember where each first block went."""
+
+    def __init__(self, rng=None, **params):
+        super().__init__(rng, **params)
+        self.home: dict[int, int] = {}
+
+    def route(self, request, views, now):
+        ids = {v.replica_id for v in views}
+        if request.block_hashes and self.home.get(request.block_hashes[0]) in ids:
+            return self.home[request.block_hashes[0]]
+        return min(views, key=lambda v: (v.inflight_requests, v.replica_id)).replica_id
+
+    def on_routed(self, request, replica_id, now):
+        if request.block_hashes:
+            self.home[request.block_hashes[0]] = replica_id
+
+    def on_replica_removed(self, replica_id):
+        self.home = {h: r for h, r in self.home.items() if r != replica_id}

@@ -57,7 +57,7 @@ class IssueLog:
             return []
         parts = [
             f"{n} x {fld}: {why} (first at line {self.first_line[(fld, why)]})"
-            for (fld, why), n in sorted(self.counts.items(), key=lambda kv: -kv[1])
+            for (fld, why), n in sorted(self.counts.items(), key=lambda kv: (-kv[1], self.first_line[kv[0]] or 0))
         ]
         return [f"skipped {self.skipped} invalid row(s) of {self.path}: " + "; ".join(parts)]
 
@@ -105,6 +105,8 @@ class RowValidator:
 
 
 def _show(v) -> str:
+    if isinstance(v, np.generic):
+        v = v.item()
     if v is None or (isinstance(v, float) and v != v) or v is pd.NA:
         return "nothing"
     s = repr(v)
@@ -143,7 +145,7 @@ def check_float(v: RowValidator, raw: pd.Series, field_name: str, *, minimum: fl
     return out
 
 
-def check_monotonic(v: RowValidator, t: np.ndarray, field_name: str) -> None:
+def check_monotonic(v: RowValidator, t: np.ndarray, field_name: str, raw: pd.Series | None = None) -> None:
     """Arrival order is file order for most formats: a time going backwards is an error.
 
     Compared against the running maximum of the rows still valid, so one bad row does not
@@ -153,7 +155,7 @@ def check_monotonic(v: RowValidator, t: np.ndarray, field_name: str) -> None:
     tt = np.where(ok, t, -np.inf)
     run_max = np.maximum.accumulate(tt)
     prev = np.concatenate([[-np.inf], run_max[:-1]])
-    v.check(ok & (t < prev), field_name, "time goes backwards (file order must be arrival order)", pd.Series(t))
+    v.check(ok & (t < prev), field_name, "time goes backwards (file order must be arrival order)", raw if raw is not None else pd.Series(t))
 
 
 def _is_blank(raw: pd.Series) -> np.ndarray:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -90,13 +91,12 @@ def read_csv_raw(path: Path, log: IssueLog, *, dtype=str) -> tuple[pd.DataFrame,
             df = pd.read_csv(path, **kw)
     except pd.errors.ParserError as e:
         msg = str(e)
-        line = None
-        if " line " in msg:
-            try:
-                line = int(msg.split(" line ")[1].split(",")[0].split()[0])
-            except (ValueError, IndexError):
-                line = None
-        raise trace_error(str(path), line, None, "malformed CSV row: " + msg.split("C error: ")[-1]) from None
+        m = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", msg)
+        if m:
+            raise trace_error(str(path), int(m.group(2)), None, f"row has {m.group(3)} fields, the header has {m.group(1)}") from None
+        m = re.search(r"line (\d+)", msg)
+        line = int(m.group(1)) if m else None
+        raise trace_error(str(path), line, None, "malformed CSV: " + msg.split("C error: ")[-1].strip()) from None
     except pd.errors.EmptyDataError:
         raise trace_error(str(path), None, None, "file is empty") from None
     except UnicodeDecodeError as e:

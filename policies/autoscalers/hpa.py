@@ -18,6 +18,10 @@ Per sync (every ``sync_period_s`` = 15 s), as ``pkg/controller/podautoscaler``:
 4. Clamp to ``[min_replicas, max_replicas]``; above ``max`` / below ``min`` the count is first
    brought back within bounds, as the controller does.
 
+``warm_start`` (default true) seeds the stabilization window with the fleet size at the first sync,
+as if the HPA had been running before the simulation began; a freshly created Kubernetes HPA has an
+empty window and may scale an idle fleet down at its first sync (``warm_start: false``).
+
 Metrics (``metric``): ``running`` (``vllm:num_requests_running``), ``waiting``
 (``vllm:num_requests_waiting``), ``kv`` (``vllm:kv_cache_usage_perc``, 0..1), ``concurrency``
 (running + waiting), or a custom per-replica function ``view -> float`` (a callable, or a
@@ -82,6 +86,7 @@ class HPAParams(BoundsParams):
     scale_down_tolerance: float | None = Field(None, ge=0, lt=1)
     scale_up: ScalingRules = Field(default_factory=_default_up)
     scale_down: ScalingRules = Field(default_factory=_default_down)
+    warm_start: bool = True
 
     @field_validator("metric")
     @classmethod
@@ -134,6 +139,7 @@ class HPA(BoundedAutoscaler):
         self._up_events: list[_Event] = []  # (time, replicas added)
         self._down_events: list[_Event] = []  # (time, replicas removed)
         self.last_ratio: float | None = None
+        self._warm_start = c.warm_start
 
     # -- 1. replica calculator ------------------------------------------------------------------
     def _within(self, ratio: float) -> bool:
@@ -217,6 +223,10 @@ class HPA(BoundedAutoscaler):
     # -- the sync --------------------------------------------------------------------------------
     def decide(self, now: float, cluster: ClusterView) -> int:
         current = cluster.current
+        if self._warm_start:
+            # As if the HPA had been running at the initial size: seed the stabilization window.
+            self._warm_start = False
+            self._recommendations.append(_Event(now, current))
         if current == 0 and self.min_replicas != 0:
             return current  # "autoscaling is disabled" when scaled to 0 (the cluster clamps to min)
         if self.max_replicas is not None and current > self.max_replicas:

@@ -39,5 +39,5 @@ def load(path: Path, log: IssueLog, opts: dict) -> Workload:
     t = np.where(ts.isna().to_numpy(), 0.0, (t_ns - base) / 1e9)
     prompt = check_int(v, raw["ContextTokens"], "ContextTokens", minimum=1)
     output = check_int(v, raw["GeneratedTokens"], "GeneratedTokens", minimum=1)
-    check_monotonic(v, t, "TIMESTAMP")
+    check_monotonic(v, t, "TIMESTAMP", raw["TIMESTAMP"])
     return assemble(path, log, v, {"arrival_s": t, "prompt_tokens": prompt, "output_tokens": output}, fmt="azure")

@@ -43,7 +43,7 @@ def load(path: Path, log: IssueLog, opts: dict) -> Workload:
     turn = check_int(v, raw["turn"], "turn", minimum=1) if "turn" in raw.columns else None
     dup = pd.Series(chat).duplicated().to_numpy()
     v.check(dup, "chat_id", "duplicate chat_id", pd.Series(chat))
-    check_monotonic(v, t, "timestamp")
+    check_monotonic(v, t, "timestamp", raw["timestamp"])
 
     # Resolve each chat's session root by pointer jumping over row indices.
     n = len(chat)

@@ -37,7 +37,7 @@ def load(path: Path, log: IssueLog, opts: dict) -> Workload:
     t = check_float(v, raw["Timestamp"], "Timestamp", minimum=0)
     prompt = check_int(v, raw["Request tokens"], "Request tokens", minimum=1)
     output = check_int(v, raw["Response tokens"], "Response tokens", minimum=0)
-    check_monotonic(v, t, "Timestamp")
+    check_monotonic(v, t, "Timestamp", raw["Timestamp"])
     notes = []
     failed = (output == 0) & ~v.bad_any
     if failed.any():

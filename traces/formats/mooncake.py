@@ -32,5 +32,5 @@ def load(path: Path, log: IssueLog, opts: dict) -> Workload:
     if "hash_ids" in raw.columns:
         cols["hash_ids"] = list_column(v, raw["hash_ids"], "hash_ids")
         hbs = int(o["block_size"])
-    check_monotonic(v, t_ms, "timestamp")
+    check_monotonic(v, t_ms, "timestamp", raw["timestamp"])
     return assemble(path, log, v, cols, fmt="mooncake", hash_block_size=hbs)

@@ -132,7 +132,7 @@ def _from_columns(path, raw, lines, log, hbs, meta, *, fmt) -> Workload:
             cols[c] = sc.where(col.notna() & (sc != ""), np.nan)
     if "hash_ids" in cols and not hbs:
         raise trace_error(str(path), None, "hash_block_size", "file has hash_ids but no hash_block_size")
-    check_monotonic(v, t, "arrival_s")
+    check_monotonic(v, t, "arrival_s", raw["arrival_s"])
     w = assemble(path, log, v, cols, fmt=fmt, hash_block_size=hbs if "hash_ids" in cols else None)
     if meta.get("name"):
         w.name = meta["name"]

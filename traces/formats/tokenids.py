@@ -38,5 +38,5 @@ def load(path: Path, log: IssueLog, opts: dict) -> Workload:
         n = pc.list_value_length(pa.chunked_array(ids.array._pa_array)).fill_null(-1).to_numpy()
         v.check(n != prompt, "input_tok_ids", "length differs from input_toks", pd.Series(np.asarray(n)))
         cols["token_ids"] = ids
-    check_monotonic(v, t_ns, "arrival_time_ns")
+    check_monotonic(v, t_ns, "arrival_time_ns", raw["arrival_time_ns"])
     return assemble(path, log, v, cols, fmt="tokenids")

@@ -92,20 +92,20 @@ def make_step_model_factory(sc: Scenario, dep: Deployment):
     return lambda: model
 
 
-def make_cold_start(spec) -> Any:
-    """A sampler ``rng -> seconds`` from a number or a :class:`ColdStartSpec`."""
+def make_cold_start(spec, where: str = "cluster.cold_start_s") -> Any:
+    """A sampler ``rng -> seconds`` from a number, a preset name or a :class:`ColdStartSpec`."""
     if spec is None:
         return lambda rng: 0.0
     if isinstance(spec, (int, float)):
         if spec < 0:
-            raise ConfigError("cold_start_s must be >= 0")
+            raise ConfigError(f"{where}: must be >= 0")
         v = float(spec)
         return lambda rng: v
     from policies.cold_start import ColdStartDistribution
 
-    assert isinstance(spec, ColdStartSpec)
-    dist = ColdStartDistribution.from_spec(spec.model_dump())
-    return dist.sample
+    if isinstance(spec, ColdStartSpec):
+        spec = spec.model_dump()
+    return ColdStartDistribution.from_config(spec, where=where).sample
 
 
 def build_cluster_config(sc: Scenario, *, progress: bool = False) -> tuple[ClusterConfig, Deployment]:
@@ -115,8 +115,6 @@ def build_cluster_config(sc: Scenario, *, progress: bool = False) -> tuple[Clust
     dep = resolve_deployment(sc)
     workload = build_workload(sc.workload, base_dir=Path(sc.base_dir) if sc.base_dir else None, seed=sc.seed)
     router = make_router(sc.router.policy, **sc.router.params)
-    if hasattr(router, "configure"):
-        router.configure(block_size=dep.engine.block_size, cache_blocks=dep.engine.num_gpu_blocks)
     a = sc.autoscaler
     autoscaler = None
     min_r, max_r = 0, 1_000_000
@@ -131,7 +129,8 @@ def build_cluster_config(sc: Scenario, *, progress: bool = False) -> tuple[Clust
             raise ConfigError(f"autoscaler: min_replicas ({min_r}) > max_replicas ({max_r})")
     elif a.params or a.min_replicas is not None or a.max_replicas is not None:
         raise ConfigError("autoscaler: policy 'none' takes no parameters (set autoscaler.policy first)")
-    cold = a.cold_start_s if a.cold_start_s is not None else sc.cluster.cold_start_s
+    cold, cold_where = ((a.cold_start_s, "autoscaler.cold_start_s") if a.cold_start_s is not None
+                        else (sc.cluster.cold_start_s, "cluster.cold_start_s"))
     admission = None
     if sc.admission:
         from policies.admission import make_admission
@@ -148,7 +147,7 @@ def build_cluster_config(sc: Scenario, *, progress: bool = False) -> tuple[Clust
         workload=workload, engine=dep.engine, make_step_model=make_step_model_factory(sc, dep), router=router,
         replicas=sc.cluster.replicas, num_gpus_per_replica=dep.num_gpus, usd_per_gpu_hour=dep.usd_per_gpu_hour,
         staleness_s=sc.router.staleness_s, autoscaler=autoscaler, min_replicas=min_r, max_replicas=max_r,
-        cold_start=make_cold_start(cold), initial_cold_start=sc.cluster.initial_cold_start, admission=admission,
+        cold_start=make_cold_start(cold, cold_where), initial_cold_start=sc.cluster.initial_cold_start, admission=admission,
         failures=FailureConfig(mtbf_s=f.mtbf_s, inject=inject, on_failure=f.on_failure,
                                max_retries=f.max_retries, replace=f.replace),
         sample_interval_s=sc.metrics.sample_interval_s, slo=slo, seed=sc.seed, progress=progress)

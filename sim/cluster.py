@@ -299,6 +299,9 @@ class Cluster:
         self._owner.pop(req.idx, None)
         if rreq is not None:
             self.cfg.router.on_finished(rreq, r.replica_id, self.env.now)
+            adm = self.cfg.admission
+            if adm is not None and hasattr(adm, "on_finished"):
+                adm.on_finished(rreq, self.env.now, req.num_output_tokens)
 
     # -- endings --------------------------------------------------------------------------------
     def on_request_finished(self, r: Replica, req: EngineRequest) -> None:

@@ -71,7 +71,7 @@ class ClusterSpec(_Strict):
     kv_cache_dtype: str = "auto"
     engine: EngineSpec = Field(default_factory=EngineSpec)
     step_time: StepTimeSpec = Field(default_factory=StepTimeSpec)
-    cold_start_s: float | ColdStartSpec = 0.0
+    cold_start_s: float | str | ColdStartSpec = 0.0  # seconds, a preset name, or parts
     initial_cold_start: bool = False
     failures: FailureSpec = Field(default_factory=FailureSpec)
     usd_per_gpu_hour: float | None = Field(None, ge=0)  # override the catalog price
@@ -94,7 +94,7 @@ class AutoscalerSpec(BaseModel):
     policy: str = "none"
     min_replicas: int | None = Field(None, ge=0)
     max_replicas: int | None = Field(None, ge=1)
-    cold_start_s: float | ColdStartSpec | None = None
+    cold_start_s: float | str | ColdStartSpec | None = None
 
     @property
     def params(self) -> dict[str, Any]:

@@ -103,7 +103,7 @@ def test_retime_sessions_follow_think_time():
         g = g.sort_values("turn")
         p, o, t = g["prompt_tokens"].to_numpy(), g["output_tokens"].to_numpy(), g["arrival_s"].to_numpy()
         np.testing.assert_allclose(np.diff(t), p[:-1] / 10000 + o[:-1] * 0.02 + 3.0)
-    w = build(seed=2, trace="vllm_custom.jsonl".join([str(FIX) + "/", ""]), retime={"rate_per_s": 2.0})
+    w = build(seed=2, trace=str(FIX / "vllm_custom.jsonl"), retime={"rate_per_s": 2.0})
     assert len(w) == 3 and w.df["arrival_s"].iloc[-1] > 0
 
 

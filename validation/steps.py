@@ -129,11 +129,12 @@ def reconstruct_shapes(steps: pd.DataFrame, requests: pd.DataFrame, t0_wall: flo
        a preempted request recomputes its prompt and breaks this; such steps fail the check below.
     2. Prefill chunks: each request must compute ``P - cached`` prompt tokens (cached from the
        server's usage block; 0 if the server does not report it) and finish them in step ``s_r``.
-       Requests are taken in order of ``s_r`` (then send time), and each fills the logged
-       ``ctx_tokens`` left over in steps ``s_r, s_r-1, ...`` backwards: vLLM serves running
-       requests before waiting ones and only the last request of a step can be cut, so earlier
-       finishers own the earlier capacity. A chunk of c tokens after b computed ones adds
-       ``c * (b + c)`` to ``prefill_attn``.
+       vLLM schedules running requests first (a partial prefill continues first), then waiting
+       ones in FCFS order, and only the last request of a step can be cut. So, step by step: the
+       requests whose first token came from this step take all their remaining prompt, and the
+       logged ``ctx_tokens`` left over go to the next request in send (FCFS) order as a partial
+       chunk. A chunk of c tokens after b computed ones adds ``c * (b + c)`` to ``prefill_attn``.
+       Anchoring on ``s_r`` every step keeps one wrong cached count from shifting later steps.
     3. Check: a step is ``reconstructed`` only if the rebuilt numbers equal the log's exactly:
        decode requests (Z), context requests (X) and all its context tokens (Y) assigned. Only
        such steps should be used for fitting; the rest keep NaN features.
@@ -153,47 +154,66 @@ def reconstruct_shapes(steps: pd.DataFrame, requests: pd.DataFrame, t0_wall: flo
 
     dec_n = np.zeros(n, np.int64)
     dec_ctx = np.zeros(n, np.float64)
-    pre_left = st["ctx_tokens"].to_numpy(np.int64).copy()
+    ctx_tok = st["ctx_tokens"].to_numpy(np.int64)
     pre_reqs: list[set] = [set() for _ in range(n)]
     pre_attn = np.zeros(n, np.float64)
-    unplaced = 0
     bad = np.zeros(n, bool)
     prompt = req["prompt_tokens"].to_numpy(np.int64)
-    cached = pd.to_numeric(req["cached_tokens"], errors="coerce").fillna(0).to_numpy(np.int64)
-    cached_known = bool(pd.to_numeric(req["cached_tokens"], errors="coerce").notna().any())
+    cached_raw = pd.to_numeric(req["cached_tokens"], errors="coerce")
+    cached = cached_raw.fillna(0).to_numpy(np.int64)
+    cached_known = bool(cached_raw.notna().any())
     ntok = np.array([len(t) for t in tt], np.int64)
-    order = np.lexsort((req["send_s"].to_numpy(), s_first))
-    for j in order:
+    unplaced = int((s_first < 0).sum())
+    # decodes: request j produces token k in step s_j + k
+    for j in np.flatnonzero(s_first >= 0):
         s = int(s_first[j])
-        if s < 0:
-            unplaced += 1
-            continue
-        # decodes
         last = min(n, s + int(ntok[j]))
         if last > s + 1:
-            k = np.arange(1, last - s)
             dec_n[s + 1:last] += 1
-            dec_ctx[s + 1:last] += prompt[j] + k
-        # prefill chunks, backwards from s
-        need = int(prompt[j] - min(cached[j], prompt[j] - 1))
-        computed_before_end = int(prompt[j])  # tokens computed once the last chunk is done
-        i = s
-        while need > 0 and i >= 0:
-            c = int(min(need, pre_left[i]))
+            dec_ctx[s + 1:last] += prompt[j] + np.arange(1, last - s)
+    # prefill chunks, forward over steps, anchored on each request's first-token step
+    remaining = prompt - np.minimum(cached, prompt - 1)  # a full hit still recomputes one token
+    computed = np.minimum(cached, prompt - 1).astype(np.int64)
+    fcfs = [j for j in np.argsort(req["send_s"].to_numpy(), kind="stable") if s_first[j] >= 0]
+    due_at: dict[int, list[int]] = {}
+    for j in fcfs:
+        due_at.setdefault(int(s_first[j]), []).append(j)
+    pos = 0  # fcfs[pos:] may still be prefilling
+    done = np.zeros(len(req), bool)
+
+    def take(i: int, j: int, c: int) -> None:
+        pre_reqs[i].add(j)
+        pre_attn[i] += c * (computed[j] + c)
+        computed[j] += c
+        remaining[j] -= c
+
+    for i in range(n):
+        cap = int(ctx_tok[i])
+        for j in due_at.get(i, ()):  # must finish their prompt in this step
+            c = int(remaining[j])
+            if c > cap:
+                bad[i] = True
+            take(i, j, c)
+            cap -= c
+            done[j] = True
+        while pos < len(fcfs) and done[fcfs[pos]]:
+            pos += 1
+        # leftover capacity: the next request in FCFS order got a chunk and was cut there (vLLM
+        # cuts only the last request of a step, so one partial chunk at most)
+        k = pos
+        while k < len(fcfs) and (done[fcfs[k]] or s_first[fcfs[k]] <= i):
+            k += 1
+        if cap > 0 and k < len(fcfs):
+            j = fcfs[k]
+            c = int(min(cap, remaining[j] - 1))  # it does not finish here: its first token came later
             if c > 0:
-                pre_left[i] -= c
-                pre_reqs[i].add(j)
-                before = computed_before_end - c
-                pre_attn[i] += c * (before + c)
-                computed_before_end -= c
-                need -= c
-            i -= 1
-        if need > 0:  # more prompt to place than the log has context tokens: mark its steps bad
-            unplaced += 1
-            bad[max(0, i):s + 1] = True
+                take(i, j, c)
+                cap -= c
+        if cap != 0:
+            bad[i] = True
     pre_n = np.array([len(x) for x in pre_reqs], np.int64)
     ok = ((dec_n == st["gen_requests"].to_numpy()) & (pre_n == st["ctx_requests"].to_numpy())
-          & (pre_left == 0) & ~bad)
+          & ~bad)
     st["prefill_seqs"] = st["ctx_requests"]
     st["prefill_tokens"] = st["ctx_tokens"]
     st["decode_seqs"] = st["gen_requests"]

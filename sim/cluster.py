@@ -63,6 +63,7 @@ class ClusterConfig:
     slo: SLO | None = None
     seed: int = 0
     progress: bool = False
+    on_progress: Callable[[int, int, float], None] | None = None  # (ended, total, sim_time_s)
     horizon_after_last_arrival_s: float = 7 * 86400.0
 
 
@@ -152,6 +153,7 @@ class Cluster:
         self._preemptions_ended = 0
         self._replica_samples: list[int] = []
         self._progress = None
+        self._progress_every = max(1, n // 200)
         self.incomplete = False
         # Requests still in the system this long after the last arrival are declared stuck.
         self._horizon = (float(self.arrival[-1]) if n else 0.0) + cfg.horizon_after_last_arrival_s
@@ -329,8 +331,11 @@ class Cluster:
         if status != COMPLETED:
             self.o_finish[i] = self.env.now
         self.ended += 1
-        if self._progress is not None and self.ended % 500 == 0:
-            self._progress.update(500)
+        if self.ended % self._progress_every == 0:
+            if self._progress is not None:
+                self._progress.update(self._progress_every)
+            if self.cfg.on_progress is not None:
+                self.cfg.on_progress(self.ended, self.n, self.env.now)
         if self.ended == self.n and not self._done.triggered:
             self._done.succeed()
 
@@ -495,7 +500,32 @@ class Cluster:
         summary = summarize(req, self.itl, duration_s=duration, gpu_hours=gpu_hours, cost_usd=cost,
                             prefix_queries=pq, prefix_hits=ph, preemptions=pre, slo=self.cfg.slo,
                             sim_wall_s=wall, extra=extra)
-        return RunOutput(req, self.series.frame(), summary)
+        return RunOutput(req, self.series.frame(), summary, self._replica_table(req, now))
+
+    def _replica_table(self, req: pd.DataFrame, now: float) -> pd.DataFrame:
+        """One row per replica ever started: lifetime, load, cache and cost."""
+        done = req[req.status == COMPLETED]
+        per = done.groupby("replica").agg(requests=("request_id", "size"), output_tokens=("output_tokens", "sum"),
+                                          ttft_p50_s=("ttft_s", "median"), e2e_p99_s=("e2e_s", lambda x: x.quantile(0.99)))
+        rows = []
+        for r in self.replicas:
+            kv = r.engine.kv
+            end = r.ended_s if r.ended_s is not None else now
+            serving = (end - r.serving_s) if r.serving_s is not None else 0.0
+            p = per.loc[r.replica_id] if r.replica_id in per.index else None
+            rows.append({
+                "replica": r.replica_id, "final_state": r.state.value, "created_s": r.created_s,
+                "serving_s": r.serving_s, "ended_s": r.ended_s,
+                "requests_completed": int(p["requests"]) if p is not None else 0,
+                "output_tokens": int(p["output_tokens"]) if p is not None else 0,
+                "busy_fraction": r.busy_s / serving if serving > 0 else 0.0,
+                "prefix_hit_rate": kv.prefix_hits / kv.prefix_queries if kv.prefix_queries else 0.0,
+                "preemptions": r.engine.num_preemptions, "engine_steps": r.engine.steps,
+                "ttft_p50_s": float(p["ttft_p50_s"]) if p is not None else float("nan"),
+                "e2e_p99_s": float(p["e2e_p99_s"]) if p is not None else float("nan"),
+                "gpu_hours": r.gpu_hours(now), "cost_usd": r.cost_usd(now),
+            })
+        return pd.DataFrame(rows)
 
 
 @dataclass
@@ -503,6 +533,7 @@ class RunOutput:
     requests: pd.DataFrame
     timeseries: pd.DataFrame
     summary: dict
+    replicas: pd.DataFrame
 
 
 def _isnan(v) -> bool:

@@ -6,6 +6,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
@@ -23,16 +24,17 @@ class Result:
         timeseries: sampled gauges, per replica (``replica >= 0``) and for the cluster (``replica == -1``).
         summary: headline numbers (TTFT/TPOT/ITL/E2E percentiles, throughput, goodput, cost, ...).
         scenario: the validated scenario that produced it.
+        replicas: one row per replica ever started (lifetime, busy fraction, hit rate, cost).
     """
 
     requests: pd.DataFrame
     timeseries: pd.DataFrame
     summary: dict
     scenario: Scenario
-    deployment: dict = field(default_factory=dict)
+    replicas: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def save(self, out_dir: str | Path) -> Path:
-        """Write ``requests.parquet``, ``timeseries.parquet``, ``summary.json`` and ``scenario.yaml``."""
+        """Write ``requests``/``timeseries``/``replicas`` Parquet, ``summary.json`` and ``scenario.yaml``."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         req = self.requests.copy()
@@ -41,6 +43,7 @@ class Result:
                 req[col] = req[col].astype("string")
         req.to_parquet(out / "requests.parquet", index=False)
         self.timeseries.to_parquet(out / "timeseries.parquet", index=False)
+        self.replicas.to_parquet(out / "replicas.parquet", index=False)
         (out / "summary.json").write_text(json.dumps(json_safe(self.summary), indent=2) + "\n")
         (out / "scenario.yaml").write_text(self.scenario.to_yaml())
         return out
@@ -63,8 +66,11 @@ def json_safe(d: dict) -> dict:
 
 
 def run(scenario: Scenario | dict | str | Path | None = None, *, progress: bool = False,
-        overrides: list[str] | None = None) -> Result:
+        overrides: list[str] | None = None,
+        on_progress: Callable[[int, int, float], None] | None = None) -> Result:
     """Simulate a scenario (a :class:`Scenario`, a dict, a YAML path, or ``None`` for the default).
+
+    ``on_progress(ended, total, sim_time_s)`` is called about 200 times over the run (for UIs).
 
     >>> import sim
     >>> r = sim.run({"workload": {"synthetic": {"rate_per_s": 2, "num_requests": 20}},
@@ -76,6 +82,7 @@ def run(scenario: Scenario | dict | str | Path | None = None, *, progress: bool 
     if isinstance(scenario, Scenario) and overrides:
         sc = load_scenario(sc.model_dump(mode="json", exclude_none=True), overrides)
     cfg, dep = build_cluster_config(sc, progress=progress)
+    cfg.on_progress = on_progress
     out = Cluster(cfg).run()
     summary = dict(out.summary)
     summary.update({
@@ -84,4 +91,4 @@ def run(scenario: Scenario | dict | str | Path | None = None, *, progress: bool 
         "max_num_seqs": dep.engine.max_num_seqs, "router": sc.router.policy, "autoscaler": sc.autoscaler.policy,
     })
     summary["sim_wall_s"] = summary.pop("sim_wall_s")
-    return Result(out.requests, out.timeseries, summary, sc)
+    return Result(out.requests, out.timeseries, summary, sc, out.replicas)

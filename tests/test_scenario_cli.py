@@ -59,7 +59,7 @@ def test_run_api_returns_tables_and_summary(tmp_path):
     assert s["requests_completed"] == 40 and len(r.requests) == 40
     assert s["cost_usd"] > 0 and s["gpu_hours"] > 0
     out = r.save(tmp_path / "o")
-    assert {p.name for p in out.iterdir()} == {"requests.parquet", "timeseries.parquet", "summary.json", "scenario.yaml"}
+    assert {p.name for p in out.iterdir()} == {"requests.parquet", "timeseries.parquet", "replicas.parquet", "summary.json", "scenario.yaml"}
     # The saved scenario reproduces the run.
     again = sim.run(load_scenario(out / "scenario.yaml"))
     assert again.requests["e2e_s"].tolist() == r.requests["e2e_s"].tolist()

@@ -36,12 +36,14 @@ from validation.parity.spec import ParityScenario
 
 DRIVER = Path(__file__).with_name("vllm_driver.py")
 
-# Fields compared per step, in the order a report lists them.
-COMPARED_FIELDS = (
+# Fields compared per step, in the order a report lists them. The prefix-cache counters are kept
+# apart so a test can check scheduling and KV accounting separately from statistics.
+SCHEDULING_FIELDS = (
     "scheduled", "preempted", "finished", "num_running", "num_waiting",
     "free_blocks_after_schedule", "free_blocks", "kv_usage", "num_cached_hashes",
-    "prefix_queries", "prefix_hits",
 )
+PREFIX_STAT_FIELDS = ("prefix_queries", "prefix_hits")
+COMPARED_FIELDS = SCHEDULING_FIELDS + PREFIX_STAT_FIELDS
 
 StepRecord = dict[str, Any]
 
@@ -199,8 +201,9 @@ class Divergence:
 
 
 def first_divergence(sc: ParityScenario, fleet: list[StepRecord], vllm: list[StepRecord],
+                     fields: Sequence[str] = COMPARED_FIELDS,
                      context_steps: int = 3) -> Divergence | None:
-    """The first step whose records differ in any compared field (or where one side stopped)."""
+    """The first step whose records differ in any of ``fields`` (or where one side stopped)."""
     n = max(len(fleet), len(vllm))
     for k in range(n):
         f = fleet[k] if k < len(fleet) else None
@@ -208,7 +211,7 @@ def first_divergence(sc: ParityScenario, fleet: list[StepRecord], vllm: list[Ste
         if f is None or v is None:
             diff = {"steps": (len(fleet), len(vllm))}
         else:
-            diff = {name: (f[name], v[name]) for name in COMPARED_FIELDS
+            diff = {name: (f[name], v[name]) for name in fields
                     if not _equal(name, f[name], v[name])}
         if diff:
             ctx = [(fleet[j] if j < len(fleet) else None, vllm[j] if j < len(vllm) else None)

@@ -202,10 +202,11 @@ def random_requests(seed: int, n: int = 50, *, priorities: bool = False) -> list
     return reqs
 
 
-def _random(name: str, num_gpu_blocks: int, *, policy: str = "fcfs",
-            full_isl: bool | None = None) -> ParityScenario:
-    eng = EngineKnobs(num_gpu_blocks=num_gpu_blocks, max_num_batched_tokens=128, max_num_seqs=16,
-                      max_model_len=512, policy=policy, scheduler_reserve_full_isl=full_isl)
+def _random(name: str, num_gpu_blocks: int, *, policy: str = "fcfs", full_isl: bool | None = None,
+            **knobs) -> ParityScenario:
+    base = dict(num_gpu_blocks=num_gpu_blocks, max_num_batched_tokens=128, max_num_seqs=16,
+                max_model_len=512, policy=policy, scheduler_reserve_full_isl=full_isl)
+    eng = EngineKnobs(**{**base, **knobs})
     return ParityScenario(name=name, engine=eng,
                           requests=random_requests(42, priorities=policy == "priority"))
 
@@ -235,6 +236,18 @@ def random_priority() -> ParityScenario:
     return _random("random_priority", 48, policy="priority")
 
 
+def random_chunking_off() -> ParityScenario:
+    """Chunked prefill off, tight KV, vLLM defaults (a whole prompt per admission, so the
+    full-prompt admission gate and the chunk check coincide)."""
+    return _random("random_chunking_off", 48, enable_chunked_prefill=False,
+                   max_num_batched_tokens=512)
+
+
+def random_watermark_first_chunk() -> ParityScenario:
+    """Tight KV with ``watermark=0.1`` and ``scheduler_reserve_full_isl=False``."""
+    return _random("random_watermark_first_chunk", 48, full_isl=False, watermark=0.1)
+
+
 SCENARIOS: dict[str, Callable[[], ParityScenario]] = {
     f.__name__: f for f in (
         chunked_prefill_decode_first, max_num_seqs_limit, prefix_cache_hits,
@@ -242,6 +255,6 @@ SCENARIOS: dict[str, Callable[[], ParityScenario]] = {
         priority_policy, chunked_prefill_off, long_prefill_threshold_shared,
         long_prefill_threshold_alone, watermark, admission_full_prompt, admission_first_chunk,
         random_roomy, random_tight, random_tight_first_chunk, random_priority,
-        random_priority_first_chunk,
+        random_priority_first_chunk, random_chunking_off, random_watermark_first_chunk,
     )
 }

@@ -105,7 +105,8 @@ class ParityScenario(BaseModel):
             errs = getattr(e, "errors", lambda: [])()
             if errs:
                 loc = ".".join(str(x) for x in errs[0]["loc"])
-                raise ConfigError(f"{where}: {loc}: {errs[0]['msg']}") from None
+                msg = str(errs[0]["msg"]).removeprefix("Value error, ")
+                raise ConfigError(f"{where}: {loc + ': ' if loc else ''}{msg}") from None
             raise ConfigError(f"{where}: {e}") from None
 
     def arrival_time(self, i: int) -> float:

@@ -28,7 +28,7 @@ import yaml
 from app import capacity, history, options, plots, report, uploads
 from app.runner import BackgroundRun
 from sim.errors import FleetsimError
-from sim.run import json_safe
+from sim.api import json_safe
 from sim.scenario import Scenario, load_scenario
 
 log = logging.getLogger("fleetsim.app")
@@ -64,12 +64,12 @@ def show_error(e: BaseException, context: str = "") -> None:
     """One readable line; user errors as they are, internal ones named as such (logged in full)."""
     prefix = f"{context}: " if context else ""
     if isinstance(e, FleetsimError):
-        st.error(prefix + str(e).splitlines()[0], icon="⚠️")
+        st.error(prefix + str(e).splitlines()[0], icon=":material/error:")
     else:
         log.exception("internal error in the explorer", exc_info=e)
         first = str(e).splitlines()[0] if str(e) else ""
         st.error(f"{prefix}internal error ({type(e).__name__}: {first}); the server log has the details. "
-                 "Please report it with the scenario YAML.", icon="🐞")
+                 "Please report it with the scenario YAML.", icon=":material/bug_report:")
 
 
 @st.cache_data(show_spinner=False)
@@ -144,7 +144,7 @@ def workload_section(ch: dict) -> tuple[dict, dict, str | None]:
         else:
             try:
                 up = _checked_upload(f.name, f.getvalue(), fmt, skip)
-                st.caption(f"✅ {up.name}: {up.describe()}")
+                st.caption(f":material/check_circle: {up.name}: {up.describe()}")
                 wl["trace"] = str(up.path)
                 up_map[str(up.path)] = up.name
                 if fmt != "auto":
@@ -153,11 +153,11 @@ def workload_section(ch: dict) -> tuple[dict, dict, str | None]:
                     wl["skip_invalid"] = True
             except FleetsimError as e:
                 err = str(e).splitlines()[0]
-                st.error(err, icon="⚠️")
+                st.error(err, icon=":material/error:")
             except Exception as e:  # noqa: BLE001 - a loader bug must not take the page down
                 log.exception("upload check failed", exc_info=e)
                 err = f"{f.name}: could not read this file ({type(e).__name__})"
-                st.error(err, icon="⚠️")
+                st.error(err, icon=":material/error:")
     c1, c2 = st.columns(2)
     start = c1.number_input("Window start (s)", 0.0, 1e7, 0.0, 60.0, key="w_win_start")
     length = c2.number_input("Window length (s)", 0.0, 1e7, 300.0, 60.0, key="w_win_len",
@@ -197,6 +197,10 @@ def cluster_section(ch: dict) -> dict:
             eng["max_num_seqs"] = int(mns)
         if mbt:
             eng["max_num_batched_tokens"] = int(mbt)
+        mml = st.number_input("max_model_len (0 = the model's context)", 0, 1_048_576, 0, 1024, key="e_mml",
+                              help="Lower it when the model's full context does not fit in the KV cache of one replica")
+        if mml:
+            eng["max_model_len"] = int(mml)
         c1, c2 = st.columns(2)
         eng["block_size"] = int(c1.selectbox("block_size", [16, 32, 64, 8], key="e_block"))
         eng["gpu_memory_utilization"] = float(c2.slider("gpu_memory_utilization", 0.5, 0.98, 0.92, 0.01, key="e_gmu"))
@@ -263,22 +267,22 @@ def sidebar() -> tuple[dict | None, Scenario | None, dict, str | None]:
     ch = _choices()
     err: str | None = None
     with st.sidebar:
-        st.markdown("## 🛰️ Scenario")
+        st.markdown("## :material/tune: Scenario")
         name = st.text_input("Name", "what-if", key="s_name")
         data: dict = {"name": name}
         up_map: dict = {}
         try:
-            with st.expander("Workload", expanded=True):
+            with st.expander("Workload", key="x_workload", expanded=True):
                 wl, up_map, err = workload_section(ch)
                 data["workload"] = wl
-            with st.expander("Cluster", expanded=True):
+            with st.expander("Cluster", key="x_cluster", expanded=True):
                 data["cluster"] = cluster_section(ch)
-            with st.expander("Router", expanded=False):
+            with st.expander("Router", key="x_router", expanded=False):
                 data["router"], _ = policy_section(ch, "router")
-            with st.expander("Autoscaler", expanded=False):
+            with st.expander("Autoscaler", key="x_autoscaler", expanded=False):
                 data["autoscaler"], extra = policy_section(ch, "autoscaler")
                 data["cluster"].update(extra)
-            with st.expander("SLOs", expanded=True):
+            with st.expander("SLOs", key="x_slos", expanded=True):
                 data["slo"] = slo_section()
             with st.expander("Advanced (YAML, merged on top)"):
                 data["seed"] = int(st.number_input("Seed", 0, 2**31 - 1, 0, key="s_seed"))
@@ -289,13 +293,14 @@ def sidebar() -> tuple[dict | None, Scenario | None, dict, str | None]:
         except FleetsimError as e:
             err = str(e).splitlines()[0]
         if err:
-            st.error(err, icon="⚠️")
+            if err.startswith("advanced YAML") or " parameters" in err.split(":")[0]:
+                st.error(err, icon=":material/error:")  # upload errors are already shown in place
             return None, None, up_map, err
         try:
             sc = load_scenario(data)
         except FleetsimError as e:
             err = str(e).splitlines()[0]
-            st.error(err, icon="⚠️")
+            st.error(err, icon=":material/error:")
             return data, None, up_map, err
     return data, sc, up_map, None
 
@@ -406,7 +411,7 @@ def headline(r) -> None:
                    help=f"{s.get('throughput_req_s', 0):.2f} req/s completed")
     cols[3].metric("Cost", f"${s.get('cost_usd', 0):,.2f}", border=True,
                    delta=f"${s.get('cost_per_million_output_tokens_usd', math.nan):.2f} / M output tokens",
-                   delta_color="off", help=f"{s.get('gpu_hours', 0):.2f} GPU-hours")
+                   delta_color="off", delta_arrow="off", help=f"{s.get('gpu_hours', 0):.2f} GPU-hours")
     cols = st.columns(4)
     for col, key, name in zip(cols[:3], ("ttft", "tpot", "e2e"), ("TTFT p99", "TPOT p99", "E2E p99")):
         v, limit = s.get(f"{key}_p99_s"), slo.get(f"{key}_s")
@@ -421,14 +426,14 @@ def headline(r) -> None:
                    delta=f"{s.get('preemptions', 0):,} preemptions", delta_color="off", delta_arrow="off")
     if not s.get("complete", True):
         st.warning("The run hit its horizon with requests unfinished: the fleet cannot keep up with this load. "
-                   "They count as failed (reason unfinished_at_horizon).", icon="⏱️")
+                   "They count as failed (reason unfinished_at_horizon).", icon=":material/timer:")
 
 
 def results_view() -> None:
     runs: dict = st.session_state.runs
     if not runs:
         st.info("Build a scenario in the sidebar and press **Run simulation**. Every run is kept for this "
-                "session, so you can change one knob, run again and compare in the next tab.", icon="👈")
+                "session, so you can change one knob, run again and compare in the next tab.", icon=":material/arrow_back:")
         return
     labels = list(runs)
     sel = st.session_state.get("selected_run")
@@ -445,34 +450,47 @@ def results_view() -> None:
     log_x = st.toggle("Log time axis", True, key="cdf_log")
     slo = report.slo_dict(r.scenario.slo)
     st.plotly_chart(plots.latency_cdfs({label: r}, slo, log_x=log_x), key="cdf_single")
-    st.dataframe(report.latency_table(s, slo), column_config=_latency_cols())
+    st.dataframe(_styled_latency(report.latency_table(s, slo)))
 
     st.subheader("Cluster over time")
     st.plotly_chart(plots.cluster_timeseries({label: r}), key="ts_single")
 
     st.subheader("Per replica")
     st.plotly_chart(plots.replica_load(r), key="replica_load")
-    c1, c2 = st.columns([3, 2])
+    c1, c2 = st.columns([5, 4])
     with c1:
         st.plotly_chart(plots.replica_heatmap(r, "in_flight", title="in-flight requests per replica"), key="heat")
     with c2:
-        st.dataframe(plots.replica_table(r), column_config={
+        t = plots.replica_table(r)[["requests", "prefix_hit_rate", "ttft_p99_s", "e2e_p99_s"]]
+        st.dataframe(t, column_config={
+            "requests": st.column_config.NumberColumn("requests", format="%d"),
             "prefix_hit_rate": st.column_config.ProgressColumn("prefix hit rate", min_value=0.0, max_value=1.0, format="percent"),
             "ttft_p99_s": st.column_config.NumberColumn("TTFT p99 (s)", format="%.3f"),
             "e2e_p99_s": st.column_config.NumberColumn("E2E p99 (s)", format="%.2f"),
         })
 
     st.subheader("Download")
+    st.caption("Per-request table, sampled time series, summary, and the scenario YAML that reproduces this run "
+               "(`fleetsim run scenario.yaml`).")
     files = _download_payloads(label)
-    cols = st.columns(len(files))
     slug = _slug(label)
-    for col, (fname, (blob, mime)) in zip(cols, files.items()):
-        col.download_button(fname, blob, file_name=f"{slug}-{fname}" if fname != "scenario.yaml" else f"{slug}.yaml",
-                            mime=mime, key=f"dl_{fname}", icon="⬇️", width="stretch")
+    items = list(files.items())
+    for start in range(0, len(items), 4):
+        cols = st.columns(4)
+        for col, (fname, (blob, mime)) in zip(cols, items[start:start + 4]):
+            col.download_button(fname, blob, file_name=f"{slug}.yaml" if fname == "scenario.yaml" else f"{slug}-{fname}",
+                                mime=mime, key=f"dl_{fname}", icon=":material/download:", width="stretch")
 
 
-def _latency_cols() -> dict:
-    return {c: st.column_config.NumberColumn(c, format="%.4f") for c in ("p50 (s)", "p90 (s)", "p99 (s)", "mean (s)", "SLO (s)")}
+def _styled_latency(t: pd.DataFrame):
+    def colour(col: pd.Series) -> list[str]:
+        return ["color: #1b7a3a; font-weight: 600" if v == "yes" else "color: #b22222; font-weight: 600" if v == "no"
+                else "" for v in col]
+
+    t = t.copy()
+    t["SLO (s)"] = [f"{v:g}" if pd.notna(v) else "–" for v in t["SLO (s)"]]
+    nums = [c for c in t.columns if c.endswith("(s)") and c != "SLO (s)"]
+    return t.style.format({c: "{:.4f}" for c in nums}, na_rep="–").apply(colour, subset=["p99 within SLO"])
 
 
 def _styled_comparison(runs: dict):
@@ -524,7 +542,7 @@ def compare_view(sc_dict: dict | None, sc: Scenario | None, up_map: dict) -> Non
                 except ValueError:
                     bad.append(tok)
             if bad:
-                st.error(f"{knob}: not {'an integer' if kind == 'int' else 'a number'}: {', '.join(bad)}", icon="⚠️")
+                st.error(f"{knob}: not {'an integer' if kind == 'int' else 'a number'}: {', '.join(bad)}", icon=":material/error:")
                 values = []
         go = c3.button("Run variants", key="v_run", disabled=sc is None or not values, width="stretch")
         if go and sc_dict is not None:
@@ -533,7 +551,7 @@ def compare_view(sc_dict: dict | None, sc: Scenario | None, up_map: dict) -> Non
     runs: dict = st.session_state.runs
     if len(runs) < 2:
         st.info("Compare needs two runs or more: run the sidebar scenario, change a knob, run again — "
-                "or use Quick what-if above.", icon="⚖️")
+                "or use Quick what-if above.", icon=":material/compare_arrows:")
         return
     labels = list(runs)
     chosen = st.multiselect("Runs to compare (the first is the baseline)", labels,
@@ -557,7 +575,7 @@ def compare_view(sc_dict: dict | None, sc: Scenario | None, up_map: dict) -> Non
     st.markdown("#### Over time")
     st.plotly_chart(plots.cluster_timeseries(ordered), key="cmp_ts")
     st.download_button("comparison.csv", values.to_csv().encode(), file_name="comparison.csv", mime="text/csv",
-                       icon="⬇️", key="dl_cmp")
+                       icon=":material/download:", key="dl_cmp")
 
 
 def run_variants(sc_dict: dict, knob: str, values: list, up_map: dict) -> None:
@@ -636,7 +654,7 @@ def capacity_view(sc_dict: dict | None, sc: Scenario | None, up_map: dict) -> No
         st.session_state.capacity = res
     res = st.session_state.capacity
     if res is not None:
-        (st.success if res.best is not None else st.warning)(res.message, icon="🎯" if res.best is not None else "⚠️")
+        (st.success if res.best is not None else st.warning)(res.message, icon=":material/target:" if res.best is not None else ":material/error:")
         metric = "ttft_p99_s" if res.points["ttft_p99_s"].notna().any() else "e2e_p99_s"
         lim = slo.get("ttft_s") if metric == "ttft_p99_s" else slo.get("e2e_s")
         st.plotly_chart(plots.capacity_curve(res.points, res.knob, metric, limit=lim,
@@ -655,7 +673,7 @@ def yaml_view(sc: Scenario | None, up_map: dict) -> None:
         text = export_yaml(_R, up_map)
         st.code(text, language="yaml")
         st.download_button("scenario.yaml", text.encode(), file_name="scenario.yaml", mime="application/x-yaml",
-                           icon="⬇️", key="dl_form_yaml")
+                           icon=":material/download:", key="dl_form_yaml")
     st.markdown("##### Run a scenario file")
     f = st.file_uploader("Scenario YAML", type=["yaml", "yml"], key="yaml_upload")
     if f is not None and st.button("Run this file", key="yaml_run"):
@@ -678,6 +696,7 @@ CSS = """
 <style>
 .block-container {padding-top: 2.2rem; padding-bottom: 2rem; max-width: 1500px;}
 [data-testid="stMetricValue"] {font-size: 1.55rem;}
+[data-testid="stSidebar"] {min-width: 370px;}
 [data-testid="stSidebar"] [data-testid="stExpander"] summary p {font-weight: 600;}
 h3 {margin-top: 0.6rem;}
 </style>
@@ -685,7 +704,7 @@ h3 {margin-top: 0.6rem;}
 
 
 def main() -> None:
-    st.set_page_config(page_title="fleetsim explorer", page_icon="🛰️", layout="wide")
+    st.set_page_config(page_title="fleetsim explorer", page_icon=":material/hub:", layout="wide")
     st.markdown(CSS, unsafe_allow_html=True)
     _state()
     sc_dict, sc, up_map, err = sidebar()
@@ -694,23 +713,27 @@ def main() -> None:
     c1.markdown("# fleetsim · what-if explorer")
     c1.caption("Simulate an LLM serving fleet (vLLM-faithful replicas) on your workload: latency, queueing, "
                "KV cache and cost, before buying a GPU.")
-    run_clicked = c2.button("▶ Run simulation", type="primary", key="run", disabled=sc is None,
+    run_clicked = c2.button("Run simulation", icon=":material/play_arrow:", type="primary", key="run", disabled=sc is None,
                             width="stretch")
     if c3.button("Clear runs", key="clear", disabled=not st.session_state.runs, width="stretch"):
         st.session_state.runs.clear()
         st.session_state.run_meta.clear()
         st.session_state.downloads.clear()
         st.session_state.capacity = None
-    if err:
-        st.error(f"Scenario not valid: {err}", icon="⚠️")
-    if run_clicked and sc is not None:
-        result, run_err = run_scenario(sc)
-        if run_err is not None:
-            show_error(run_err)
-        else:
-            add_run(result, sc_dict or {}, up_map)
+    # One fixed container above the tabs, so the page's element tree keeps its shape between reruns
+    # (a tab strip that moves is re-created by Streamlit, which would jump back to the first tab).
+    with st.container():
+        if err:
+            st.error(f"Scenario not valid: {err}", icon=":material/error:")
+        if run_clicked and sc is not None:
+            result, run_err = run_scenario(sc)
+            if run_err is not None:
+                show_error(run_err)
+            else:
+                add_run(result, sc_dict or {}, up_map)
 
-    tabs = st.tabs(["📈 Results", "⚖️ Compare", "🎯 Capacity finder", "📄 Scenario YAML"])
+    tabs = st.tabs([":material/monitoring: Results", ":material/compare_arrows: Compare",
+                    ":material/target: Capacity finder", ":material/description: Scenario YAML"], key="main_tabs")
     with tabs[0]:
         results_view()
     with tabs[1]:

@@ -20,7 +20,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 if TYPE_CHECKING:  # pragma: no cover
-    from sim.run import Result
+    from sim.api import Result
 
 Runs = Union["Result", Mapping[str, "Result"]]
 
@@ -42,10 +42,15 @@ def color(i: int) -> str:
     return PALETTE[i % len(PALETTE)]
 
 
-def _style(fig: go.Figure, height: int, title: str | None = None) -> go.Figure:
+def _style(fig: go.Figure, height: int, title: str | None = None, *, legend: bool = True) -> go.Figure:
+    """House style: white template, compact margins, a horizontal legend above the subplot titles."""
+    top = (50 if title else 30) + (34 if legend else 0)
+    bottom = 10
+    area = max(1, height - top - bottom)
     fig.update_layout(
-        template=TEMPLATE, height=height, title=title, margin=dict(l=10, r=10, t=60 if title else 30, b=10),
-        legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0),
+        template=TEMPLATE, height=height, title=title, margin=dict(l=10, r=10, t=top, b=bottom),
+        showlegend=legend,
+        legend=dict(orientation="h", yanchor="bottom", y=1 + 30 / area, xanchor="left", x=0),
         hovermode="x unified", font=dict(size=13),
     )
     return fig
@@ -93,7 +98,7 @@ def latency_cdfs(runs: Runs, slo: Mapping[str, float | None] | None = None, *, l
     fig.update_yaxes(range=[0, 1.02], tickformat=".0%", row=1, col=1, title_text="fraction of requests")
     for col in range(2, len(metrics) + 1):
         fig.update_yaxes(range=[0, 1.02], tickformat=".0%", row=1, col=col)
-    _style(fig, 360)
+    _style(fig, 380, legend=len(rs) > 1)
     fig.update_layout(hovermode="closest")
     return fig
 
@@ -163,7 +168,7 @@ def cluster_timeseries(runs: Runs, *, height: int = 720) -> go.Figure:
         else:
             fig.update_yaxes(rangemode="tozero", row=row, col=1)
     fig.update_xaxes(title_text="simulated time (s)", row=len(panels), col=1)
-    return _style(fig, height)
+    return _style(fig, height, legend=len(rs) > 1)
 
 
 def replica_table(r: "Result") -> pd.DataFrame:
@@ -202,8 +207,8 @@ def replica_load(r: "Result") -> go.Figure:
         mean = t["requests"].mean()
         fig.add_hline(y=mean, line=dict(color="#555", dash="dot"), row=1, col=1, annotation_text="mean")
     fig.update_yaxes(tickformat=".0%", range=[0, 1], row=1, col=3)
-    _style(fig, 320)
-    fig.update_layout(showlegend=False, hovermode="closest")
+    _style(fig, 320, legend=False)
+    fig.update_layout(hovermode="closest")
     return fig
 
 
@@ -216,16 +221,20 @@ def replica_heatmap(r: "Result", column: str = "in_flight", *, title: str | None
                                colorscale="Blues", colorbar=dict(title=column.split(":")[-1]),
                                hovertemplate="t=%{x}s %{y}: %{z}<extra></extra>"))
     fig.update_xaxes(title_text="simulated time (s)")
-    _style(fig, max(200, 60 + 22 * len(z)), title or f"{column} per replica")
+    _style(fig, max(220, 90 + 22 * len(z)), title or f"{column} per replica", legend=False)
     fig.update_layout(hovermode="closest")
     return fig
 
 
 def metric_bars(table: pd.DataFrame, metric: str, *, title: str | None = None) -> go.Figure:
     """One bar per row of a comparison table (index = run label) for one summary column."""
-    fig = go.Figure(go.Bar(x=[str(i) for i in table.index], y=table[metric],
-                           marker_color=[color(i) for i in range(len(table))]))
-    _style(fig, 300, title or metric)
+    labels = [str(i) for i in table.index]
+    # "#3 router.policy=least-kv" -> tick "#3" (the full label is in the hover and the table)
+    ticks = [lab.split(" ", 1)[0] if lab.startswith("#") else lab for lab in labels]
+    fig = go.Figure(go.Bar(x=ticks, y=table[metric], customdata=labels,
+                           marker_color=[color(i) for i in range(len(table))],
+                           hovertemplate="%{customdata}<br>%{y:.4g}<extra></extra>"))
+    _style(fig, 300, title or metric, legend=False)
     fig.update_layout(hovermode="closest")
     return fig
 
@@ -243,6 +252,6 @@ def capacity_curve(points: pd.DataFrame, x: str, y: str, *, limit: float | None 
         fig.add_hline(y=limit, line=dict(color="#B22222", dash="dash"), annotation_text="SLO")
     fig.update_xaxes(title_text=x)
     fig.update_yaxes(title_text=y, type="log")
-    _style(fig, 340, title)
-    fig.update_layout(hovermode="closest", showlegend=False)
+    _style(fig, 340, title, legend=False)
+    fig.update_layout(hovermode="closest")
     return fig

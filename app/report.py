@@ -14,7 +14,7 @@ import pandas as pd
 from sim.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from sim.run import Result
+    from sim.api import Result
 
 SLO_KEYS = ("ttft_s", "tpot_s", "e2e_s")
 LATENCY_ROWS = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2e": "E2E", "queue": "queue wait"}

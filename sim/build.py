@@ -113,7 +113,8 @@ def build_cluster_config(sc: Scenario, *, progress: bool = False) -> tuple[Clust
     from traces.config import build_workload
 
     dep = resolve_deployment(sc)
-    workload = build_workload(sc.workload, base_dir=Path(sc.base_dir) if sc.base_dir else None, seed=sc.seed)
+    workload = build_workload(sc.workload, base_dir=Path(sc.base_dir) if sc.base_dir else None, seed=sc.seed,
+                              max_model_len=dep.engine.max_model_len)
     router = make_router(sc.router.policy, **sc.router.params)
     a = sc.autoscaler
     autoscaler = None

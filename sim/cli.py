@@ -39,7 +39,7 @@ def run(
 ) -> None:
     """Simulate a scenario and print its summary."""
     import sim
-    from sim.run import json_safe
+    from sim.api import json_safe
 
     try:
         result = sim.run(scenario, overrides=set_, progress=progress and sys.stderr.isatty())

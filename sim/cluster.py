@@ -28,7 +28,8 @@ from sim.metrics import COMPLETED, FAILED, REJECTED, REQUEST_COLUMNS, SLO, LogHi
 from sim.replica import Replica
 from sim.rng import stream
 from sim.step_time import StepTimeModel
-from traces.schema import Workload, engine_block_hashes
+from sim.kv_cache import PromptBlockHashes
+from traces.schema import Workload
 
 _STATUS_NAMES = {0: "pending", 1: COMPLETED, 2: REJECTED, 3: FAILED}
 
@@ -65,6 +66,7 @@ class ClusterConfig:
     progress: bool = False
     on_progress: Callable[[int, int, float], None] | None = None  # (ended, total, sim_time_s)
     horizon_after_last_arrival_s: float = 7 * 86400.0
+    engine_fast_forward: bool = True  # exact fast-forward of decode runs (False: one event per step)
 
 
 class _StaleView:
@@ -122,6 +124,7 @@ class Cluster:
         self.priority = df["priority"].fillna(0).to_numpy(dtype=np.int64) if w.has("priority") else None
         self.token_ids = df["token_ids"].to_numpy() if w.has("token_ids") else None
         self.hash_ids = df["hash_ids"].to_numpy() if w.has("hash_ids") else None
+        self._prompt_hashes = PromptBlockHashes(w, cfg.engine.block_size)
         self.request_ids = df["request_id"].to_numpy() if w.has("request_id") else None
         # Outcome columns, filled when each request ends.
         n = self.n
@@ -209,14 +212,7 @@ class Cluster:
 
     # -- arrivals, admission, routing ----------------------------------------------------------
     def _engine_request(self, i: int) -> EngineRequest:
-        bs = self.cfg.engine.block_size
-        kw: dict = {}
-        if self.token_ids is not None and self.token_ids[i] is not None and not _isnan(self.token_ids[i]):
-            kw["token_ids"] = self.token_ids[i]
-        elif self.hash_ids is not None and self.hash_ids[i] is not None and not _isnan(self.hash_ids[i]):
-            kw["hash_ids"] = self.hash_ids[i]
-            kw["hash_block_size"] = self.cfg.workload.hash_block_size
-        hashes = engine_block_hashes(int(self.prompt[i]), bs, unique_key=i, **kw)
+        hashes = self._prompt_hashes(i)  # engine_block_hashes of row i, precomputed vectorised
         pr = int(self.priority[i]) if self.priority is not None else 0
         return EngineRequest(i, float(self.arrival[i]), int(self.prompt[i]), int(self.output[i]), hashes, pr)
 
@@ -537,7 +533,8 @@ class RunOutput:
 
 
 def _isnan(v) -> bool:
-    return isinstance(v, float) and v != v
+    """Missing scalar: None, NaN or pandas' NA (never true for a list/array)."""
+    return v is None or v is pd.NA or (isinstance(v, float) and v != v)
 
 
 def _opt_str(v) -> str | None:

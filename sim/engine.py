@@ -18,19 +18,27 @@ This module knows nothing of SimPy. The replica process (:mod:`sim.replica`) dri
 3. Only if nothing was preempted this step: admit WAITING requests while budget remains and fewer
    than ``max_num_seqs`` run, after a prefix-cache lookup; stop at the first that does not fit.
 
+**Exact fast-forward** (:meth:`Engine.plan_decode_run`): when every running request is decoding
+and nothing can change the batch before a known horizon, the next ``k`` steps are identical in
+shape except for the context length, so they are planned at once instead of one
+``schedule``/``update`` pair per step. :class:`DecodeRun` documents the horizon and why the
+result is the same as ``k`` naive steps; docs/performance.md has the proof sketch and numbers.
+
 Deviations from vLLM are listed in docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import heapq
+from bisect import bisect_right
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
+
+import numpy as np
 
 from sim.kv_cache import KVCacheManager
 from sim.step_time import BatchShape
-from traces.schema import _mix
 
 WAITING, RUNNING, FINISHED = 0, 1, 2
 
@@ -60,7 +68,9 @@ class EngineRequest:
         self.blocks: list[int] = []
         self.block_hashes = list(block_hashes)
         self.num_cached_blocks = 0
-        self.hash_key = _mix(0xC0FFEE, idx)
+        # Hashes of blocks past the precomputed prompt ones are ``hash_key - i``: negative, so they
+        # never equal a prompt hash (64-bit unsigned), and unique per (request, block index).
+        self.hash_key = -((idx + 1) << 32)
         self.enqueue_s = arrival_s
         self.first_scheduled_s = -1.0
         self.first_token_s = -1.0
@@ -74,14 +84,14 @@ class EngineRequest:
         """Hashes for blocks past the precomputed prompt ones (generated tokens, partial tail).
 
         vLLM hashes every full block, including ones filled by generated tokens, so they are
-        cached and LRU-evicted like prompt blocks; their content is unique to this request.
+        cached and LRU-evicted like prompt blocks. The simulator does not know generated token
+        ids, so their content is unique to this request: any id unique per (request, block index)
+        is equivalent to vLLM's content hash, and a plain integer costs nothing to compute.
         """
         h = self.block_hashes
-        parent = h[-1] if h else 0x5F3759DF
-        key = self.hash_key
-        for i in range(len(h), n):
-            parent = _mix(parent, _mix(key, i))
-            h.append(parent)
+        if n > len(h):
+            key = self.hash_key
+            h.extend(range(key - len(h), key - n, -1))
 
 
 @dataclass(frozen=True)
@@ -100,24 +110,122 @@ class EngineConfig:
     long_prefill_token_threshold: int = 0
 
 
-@dataclass(slots=True)
 class StepPlan:
     """The output of one ``schedule()`` call."""
 
-    requests: list[EngineRequest] = field(default_factory=list)
-    num_tokens: list[int] = field(default_factory=list)
-    shape: BatchShape = field(default_factory=BatchShape)
-    preempted: list[EngineRequest] = field(default_factory=list)
+    __slots__ = ("requests", "num_tokens", "shape", "preempted")
+
+    def __init__(self) -> None:
+        self.requests: list[EngineRequest] = []
+        self.num_tokens: list[int] = []
+        self.shape = BatchShape()
+        self.preempted: list[EngineRequest] = []
 
     @property
     def empty(self) -> bool:
         return not self.requests
 
 
-class Engine:
-    """Scheduler + KV cache manager of one replica."""
+class DecodeRun:
+    """``k`` consecutive decode-only steps of the same batch, planned at once (exact fast-forward).
 
-    def __init__(self, cfg: EngineConfig, on_itl: Callable[[float, int], None] | None = None):
+    Preconditions (checked by :meth:`Engine.plan_decode_run`): every running request is decoding
+    (one token to compute, already has its first token) and all fit in the token budget. Then step
+    ``j`` (1-based) schedules every running request for one token, in running order, with
+    ``decode_context = sum(c0 + 1) + (j - 1) * B``. Nothing changes that until the first of:
+
+    - a completion: ``k <= min(max_output - num_output)`` (the last step may finish requests);
+    - a failed allocation: request ``r`` needs its ``m``-th new block at step
+      ``len(blocks) * block_size - c0 + 1 + (m - 1) * block_size``; no block is freed inside a run,
+      so allocations fail first at the step where the cumulative count exceeds the free blocks;
+    - ``max_model_len``: a request with ``c >= max_model_len - 1`` would be skipped;
+    - the waiting head becoming admissible: it is not now, the budget and running count left to it
+      are constant, and the free blocks only decrease; its need can change only if a block of its
+      prefix hit is evicted, which happens only when that (free) block is popped -- the run stops
+      before the step that would pop it;
+    - an arrival (or anything else the replica is told about): the replica truncates the run to the
+      step in flight (:meth:`truncate`).
+
+    Allocations pop the free queue in (step, running position) order; since nothing is pushed during
+    a run they are exactly the first blocks of the queue, replayed in that order, so block ids,
+    evictions and the LRU order are identical to the naive path. State is materialised lazily: at
+    time ``t`` the requests reflect the steps that ended at or before ``t`` and the pool also the
+    step in flight (its blocks were allocated when it was scheduled), exactly as the naive path.
+    """
+
+    __slots__ = ("reqs", "B", "k", "ends", "dts", "c0", "L", "nc", "done", "pool_done",
+                 "ends_list", "allocs", "dc0", "times")
+
+    FIRST_CHUNK = 64  # step durations are computed in chunks growing x4: most runs are cut short
+
+    def __init__(self, reqs, c0, L, nc, k, allocs, times):
+        self.reqs: list[EngineRequest] = reqs
+        self.B = len(reqs)
+        self.c0: list[int] = c0  # computed tokens at the start
+        self.L: list[int] = L  # blocks held at the start
+        self.nc: list[int] = nc  # registered (hashed) blocks at the start
+        self.allocs: Callable[[int], int] = allocs  # new blocks allocated in steps 1..j
+        self.k = k  # steps in the run (shrinks if truncated)
+        self.dc0 = sum(c0) + self.B  # decode_context of step 1
+        self.times = times  # (num_seqs, context_sum_start, n) -> step durations
+        self.dts = np.empty(0)
+        self.ends = np.empty(0)  # end times of the steps computed so far
+        self.ends_list: list[float] | None = None
+        self.done = 0  # steps applied to the requests
+        self.pool_done = 0  # steps whose block operations are applied to the pool
+
+    @property
+    def computed(self) -> int:
+        return len(self.ends)
+
+    def extend(self, t_start: float) -> float:
+        """Compute the next chunk of step durations and end times; return the chunk's last end.
+
+        End times are a running sum started at the run's start, the same float additions as
+        ``now + dt`` one step at a time.
+        """
+        n0 = len(self.ends)
+        n = min(self.k - n0, max(self.FIRST_CHUNK, 3 * n0))
+        dts = np.asarray(self.times(self.B, self.dc0 + n0 * self.B, n), dtype=np.float64)
+        acc = np.empty(n + 1)
+        acc[0] = t_start
+        acc[1:] = dts
+        np.cumsum(acc, out=acc)
+        if n0:
+            self.dts = np.concatenate((self.dts, dts))
+            self.ends = np.concatenate((self.ends, acc[1:]))
+        else:
+            self.dts, self.ends = dts, acc[1:]
+        self.ends_list = None
+        return float(acc[n])
+
+    @property
+    def end_time(self) -> float:
+        """When the engine must be woken: the end of the run, or of the last computed chunk."""
+        return float(self.ends[min(self.k, len(self.ends)) - 1])
+
+    def completed_steps(self, now: float) -> int:
+        """Steps of the run that ended at or before ``now``."""
+        if self.ends_list is None:
+            self.ends_list = self.ends.tolist()
+        return min(bisect_right(self.ends_list, now), self.k)
+
+
+class Engine:
+    """Scheduler + KV cache manager of one replica.
+
+    Args:
+        cfg: scheduler and cache knobs.
+        on_itl: ``callback(itl_seconds, count)`` feeding the inter-token-latency histogram.
+        on_itl_many: optional ``callback(itl_array, count)``: the same for many values at once
+            (used by fast-forwarded runs; defaults to calling ``on_itl`` per value).
+        clock: ``() -> now``; needed only for fast-forward runs, so that observations made while a
+            run is in flight see the exact state at that time.
+    """
+
+    def __init__(self, cfg: EngineConfig, on_itl: Callable[[float, int], None] | None = None,
+                 on_itl_many: Callable[[np.ndarray, int], None] | None = None,
+                 clock: Callable[[], float] | None = None):
         self.cfg = cfg
         self.kv = KVCacheManager(cfg.num_gpu_blocks, cfg.block_size, cfg.enable_prefix_caching, cfg.watermark)
         self.running: list[EngineRequest] = []
@@ -126,10 +234,38 @@ class Engine:
         self._waiting_heap: list[tuple[int, float, int, EngineRequest]] = []
         self._seq = 0
         self.num_preemptions = 0
-        self.steps = 0
-        self.tokens_generated = 0
+        self._steps = 0
+        self._tokens_generated = 0
         self.prompt_tokens_computed = 0
+        self.busy_s = 0.0  # sum of step durations applied (kept here so runs can add them exactly)
+        self.aborts = 0  # bumped by abort_all(): a plan made before it must not be applied
         self._on_itl = on_itl  # callback(itl_seconds, count) for the ITL histogram
+        self._on_itl_many = on_itl_many
+        self._clock = clock
+        self._run: DecodeRun | None = None
+
+    # -- counters (exact at any time, even while a run is in flight) -------------------------
+    @property
+    def steps(self) -> int:
+        run = self._run
+        if run is None:
+            return self._steps
+        return self._steps + run.completed_steps(self._clock()) - run.done
+
+    @property
+    def tokens_generated(self) -> int:
+        run = self._run
+        if run is None:
+            return self._tokens_generated
+        return self._tokens_generated + (run.completed_steps(self._clock()) - run.done) * run.B
+
+    def _pending_blocks(self) -> int:
+        """Blocks the run in flight has taken by now but not yet popped from the free queue."""
+        run = self._run
+        if run is None:
+            return 0
+        j = min(run.completed_steps(self._clock()) + 1, run.k)
+        return run.allocs(j) - run.allocs(run.pool_done) if j > run.pool_done else 0
 
     # -- queue -----------------------------------------------------------------------------
     @property
@@ -171,8 +307,13 @@ class Engine:
     # -- scheduling ------------------------------------------------------------------------
     def schedule(self, now: float = 0.0) -> StepPlan:
         """Plan one step starting at ``now`` (vLLM ``Scheduler.schedule``)."""
+        if self._run is not None:
+            raise RuntimeError("schedule() while a fast-forward run is in flight (call finish_run first)")
         cfg = self.cfg
         kv = self.kv
+        bs = cfg.block_size
+        caching = cfg.enable_prefix_caching
+        max_len_1 = cfg.max_model_len - 1
         plan = StepPlan()
         reqs, ntoks = plan.requests, plan.num_tokens
         budget = cfg.max_num_batched_tokens
@@ -184,10 +325,20 @@ class Engine:
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
-            n = req.num_tokens - req.num_computed_tokens
+            c = req.num_computed_tokens
+            n = req.num_tokens - c
+            if n == 1 and c < max_len_1 and c < len(req.blocks) * bs \
+                    and (not caching or (c + 1) // bs <= req.num_cached_blocks):
+                # A decode whose slot is already allocated and fills no block: nothing to allocate
+                # or register (allocate_slots would be a no-op that succeeds).
+                reqs.append(req)
+                ntoks.append(1)
+                budget -= 1
+                i += 1
+                continue
             if 0 < thr < n:
                 n = thr
-            n = min(n, budget, cfg.max_model_len - 1 - req.num_computed_tokens)
+            n = min(n, budget, max_len_1 - c)
             if n <= 0:
                 i += 1
                 continue
@@ -242,15 +393,22 @@ class Engine:
 
         # Shape of the step, for the step-time model.
         shape = plan.shape
+        ds = dc = ps = pt = 0
+        pa = 0
         for req, n in zip(reqs, ntoks):
             c = req.num_computed_tokens
             if n == 1 and req.num_output_tokens > 0 and c == req.num_tokens - 1:
-                shape.decode_seqs += 1
-                shape.decode_context += c + 1
+                ds += 1
+                dc += c + 1
             else:
-                shape.prefill_seqs += 1
-                shape.prefill_tokens += n
-                shape.prefill_attn += n * (c + n)
+                ps += 1
+                pt += n
+                pa += n * (c + n)
+        shape.decode_seqs = ds
+        shape.decode_context = dc
+        shape.prefill_seqs = ps
+        shape.prefill_tokens = pt
+        shape.prefill_attn = float(pa) if ps else 0.0
         return plan
 
     def _pick_victim(self) -> tuple[EngineRequest, int]:
@@ -273,21 +431,24 @@ class Engine:
     # -- applying a finished step ----------------------------------------------------------
     def update(self, plan: StepPlan, now: float) -> list[EngineRequest]:
         """Advance every scheduled request by its tokens; return the requests that finished."""
-        self.steps += 1
+        self._steps += 1
         finished: list[EngineRequest] = []
         itl_count = 0
         itl_value = 0.0
         on_itl = self._on_itl
+        generated = 0
         for req, n in zip(plan.requests, plan.num_tokens):
-            if req.num_computed_tokens < req.prompt_tokens:
-                self.prompt_tokens_computed += min(n, req.prompt_tokens - req.num_computed_tokens)
-            req.num_computed_tokens += n
-            if req.num_computed_tokens < req.num_tokens:
+            c = req.num_computed_tokens
+            if c < req.prompt_tokens:
+                self.prompt_tokens_computed += min(n, req.prompt_tokens - c)
+            c += n
+            req.num_computed_tokens = c
+            if c < req.num_tokens:
                 continue  # a chunk of a (re)computed prefill: no token sampled yet
             # Caught up: the step samples one new token for this request.
             req.num_output_tokens += 1
             req.num_tokens += 1
-            self.tokens_generated += 1
+            generated += 1
             if req.first_token_s < 0:
                 req.first_token_s = now
             elif on_itl is not None:
@@ -301,19 +462,28 @@ class Engine:
             req.last_token_s = now
             if req.num_output_tokens >= req.max_output_tokens:
                 finished.append(req)
+        self._tokens_generated += generated
         if itl_count:
             on_itl(itl_value, itl_count)
         if finished:
-            done = set(id(r) for r in finished)
-            self.running = [r for r in self.running if id(r) not in done]
-            for req in finished:
-                req.status = FINISHED
-                req.finish_s = now
-                self.kv.free(req)
+            self._finish(finished, now)
         return finished
+
+    def _finish(self, finished: list[EngineRequest], now: float) -> None:
+        for req in finished:
+            req.status = FINISHED
+        self.running = [r for r in self.running if r.status != FINISHED]
+        for req in finished:
+            req.finish_s = now
+            self.kv.free(req)
 
     def abort_all(self) -> list[EngineRequest]:
         """Drop every request (replica failure): free their blocks and return them."""
+        if self._run is not None:
+            self.sync()  # apply what happened up to now, then drop the rest of the run
+            self._run = None
+            self.kv.pending_sync = self.kv.pending_blocks = None
+        self.aborts += 1
         out = list(self.running) + self.waiting_requests()
         for req in self.running:
             self.kv.free(req)
@@ -321,3 +491,245 @@ class Engine:
         self._waiting_fifo.clear()
         self._waiting_heap.clear()
         return out
+
+    # -- exact fast-forward of decode runs ---------------------------------------------------
+    @property
+    def in_run(self) -> bool:
+        return self._run is not None
+
+    def plan_decode_run(self, now: float, step_model, max_steps: int = 65536, min_steps: int = 2) -> float | None:
+        """Plan the next steps as one :class:`DecodeRun` if at least ``min_steps`` are certain.
+
+        Returns the end time of the run's last step (the caller wakes up then and calls
+        :meth:`finish_run`), or ``None`` if the next step must be scheduled normally.
+        """
+        if self._run is not None:
+            raise RuntimeError("a fast-forward run is already in flight")
+        if self._clock is None:
+            raise RuntimeError("plan_decode_run needs the engine's clock (Engine(..., clock=...))")
+        running = self.running
+        B = len(running)
+        cfg = self.cfg
+        if B == 0 or B > cfg.max_num_batched_tokens:
+            return None
+        bs = cfg.block_size
+        c0: list[int] = []
+        L: list[int] = []
+        nc: list[int] = []
+        k = max_steps
+        max_c = 0
+        for r in running:
+            c = r.num_computed_tokens
+            if r.num_tokens - c != 1 or r.num_output_tokens <= 0:
+                return None  # a prefill (or recompute) in the batch: not a steady decode step
+            rem = r.max_output_tokens - r.num_output_tokens
+            if rem < k:
+                k = rem
+            if c > max_c:
+                max_c = c
+            c0.append(c)
+            L.append(len(r.blocks))
+            nc.append(r.num_cached_blocks)
+        k = min(k, cfg.max_model_len - 1 - max_c)
+        if k < min_steps:
+            return None
+        # Blocks: the largest k whose cumulative allocations fit in the free blocks.
+        kv = self.kv
+        free0 = kv.pool.free_queue.size
+        first = [Lr * bs - cr + 1 for Lr, cr in zip(L, c0)]  # step of each request's next new block
+        allocs = _alloc_counter(first, bs)
+        if allocs(k) > free0:
+            lo, hi = 0, k  # allocs(lo) <= free0 < allocs(hi)
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if allocs(mid) <= free0:
+                    lo = mid
+                else:
+                    hi = mid
+            k = lo
+            if k < min_steps:
+                return None
+        # The waiting head: must not be admissible now, and must stay so during the run.
+        budget_left = cfg.max_num_batched_tokens - B
+        if self.num_waiting and budget_left > 0 and B < cfg.max_num_seqs:
+            head = self._peek_waiting()
+            hit_blocks: list[int] = []
+            num_hit = 0
+            if head.num_computed_tokens == 0:
+                hit_blocks, num_hit = kv.get_computed_blocks(head)
+            n = head.num_tokens - head.num_computed_tokens - num_hit
+            thr = cfg.long_prefill_token_threshold
+            if 0 < thr < n:
+                n = thr
+            if cfg.enable_chunked_prefill or n <= budget_left:
+                if kv.can_allocate(head, min(n, budget_left), hit_blocks, apply_watermark=True):
+                    return None  # the naive step admits it
+                rc = kv.pool.ref_cnt
+                watched = {b for b in hit_blocks if rc[b] == 0}
+                if watched:
+                    # Stop before the step that would pop (evict) one of the head's hit blocks.
+                    total = allocs(k)
+                    for p, b in enumerate(kv.pool.free_queue.iter_front()):
+                        if p >= total:
+                            break
+                        if b in watched:
+                            lo, hi = 0, k  # allocs(lo) <= p < allocs(hi): pop p happens in step hi
+                            while hi - lo > 1:
+                                mid = (lo + hi) // 2
+                                if allocs(mid) <= p:
+                                    lo = mid
+                                else:
+                                    hi = mid
+                            k = lo
+                            break
+                    if k < min_steps:
+                        return None
+        fn = getattr(step_model, "decode_run_times", None)
+        if fn is None:
+            st = step_model.step_time
+
+            def fn(num_seqs: int, dc: int, n: int) -> np.ndarray:
+                return np.array([st(BatchShape(decode_seqs=num_seqs, decode_context=dc + j * num_seqs))
+                                 for j in range(n)])
+        run = DecodeRun(list(running), c0, L, nc, k, allocs, fn)
+        self._run = run
+        self.kv.pending_sync = self.sync
+        self.kv.pending_blocks = self._pending_blocks
+        return run.extend(now)
+
+    def run_wake(self, now: float) -> float | None:
+        """The engine was woken at ``now`` during a run: if only a chunk of the run's steps is
+        computed so far, compute the next one and return the new wake-up time; else ``None``
+        (the run is over: call :meth:`finish_run`)."""
+        run = self._run
+        if run is None or run.computed >= run.k:
+            return None
+        return run.extend(float(run.ends[-1]))
+
+    def truncate_run(self, now: float) -> float:
+        """Something arrived at ``now``: the run ends with the step in flight. Returns its end time."""
+        run = self._run
+        j = run.completed_steps(now) + 1
+        if j < run.k:
+            run.k = j
+        return run.end_time
+
+    def sync(self) -> None:
+        """Bring a run's lazily-applied state up to the clock (see :class:`DecodeRun`)."""
+        run = self._run
+        if run is None:
+            return
+        s = run.completed_steps(self._clock())
+        self._apply_run(run, s, min(s + 1, run.k))
+
+    def finish_run(self, now: float) -> list[EngineRequest]:
+        """The run's last step ended at ``now``: apply everything, return the finished requests."""
+        run = self._run
+        if run is None:  # aborted meanwhile
+            return []
+        self._apply_run(run, run.k, run.k)
+        self._run = None
+        self.kv.pending_sync = self.kv.pending_blocks = None
+        finished = [r for r in run.reqs if r.num_output_tokens >= r.max_output_tokens]
+        if finished:
+            self._finish(finished, now)
+        return finished
+
+    def _apply_run(self, run: DecodeRun, s_req: int, s_pool: int) -> None:
+        if s_pool > run.pool_done:
+            self._apply_run_blocks(run, run.pool_done, s_pool)
+            run.pool_done = s_pool
+        if s_req > run.done:
+            self._apply_run_steps(run, run.done, s_req)
+            run.done = s_req
+
+    def _apply_run_blocks(self, run: DecodeRun, p: int, j: int) -> None:
+        """Block allocations and hash registrations of steps p+1..j, in the naive order."""
+        bs = self.cfg.block_size
+        kv = self.kv
+        # Allocations: (step, running position) pairs, step-major like the naive schedule loop.
+        events: list[tuple[int, int]] = []
+        for pos, (Lr, cr) in enumerate(zip(run.L, run.c0)):
+            s = Lr * bs - cr + 1  # this request's first new block
+            if s <= p:
+                s += ((p - s) // bs + 1) * bs
+            while s <= j:
+                events.append((s, pos))
+                s += bs
+        if events:
+            if len(events) > 1:
+                events.sort()
+            new = kv.pool.get_new_blocks(len(events))
+            reqs = run.reqs
+            for (_, pos), b in zip(events, new):
+                reqs[pos].blocks.append(b)
+        if not self.cfg.enable_prefix_caching:
+            return
+        # Registrations of blocks that become full (hashes of distinct new content, so their order
+        # relative to the evictions above does not matter).
+        pool = kv.pool
+        for r, cr, ncr in zip(run.reqs, run.c0, run.nc):
+            a = max(ncr, (cr + p) // bs) if p else ncr
+            b = max(ncr, (cr + j) // bs)
+            if b > a:
+                if b > len(r.block_hashes):
+                    r.extend_block_hashes(b)
+                pool.cache_blocks(r.blocks[a:b], r.block_hashes[a:b])
+                r.num_cached_blocks = b
+
+    def _apply_run_steps(self, run: DecodeRun, q: int, s: int) -> None:
+        """Token accounting of steps q+1..s: counters, token times, ITL histogram, busy time."""
+        d = s - q
+        ends = run.ends
+        t_last = float(ends[s - 1])
+        on_itl = self._on_itl
+        if q == 0:
+            # Step 1: each request's gap since its own last token (as update() computes it).
+            t1 = float(ends[0])
+            itl_count = 0
+            itl_value = 0.0
+            for r in run.reqs:
+                if on_itl is not None:
+                    gap = t1 - r.last_token_s
+                    if gap == itl_value:
+                        itl_count += 1
+                    else:
+                        if itl_count:
+                            on_itl(itl_value, itl_count)
+                        itl_value, itl_count = gap, 1
+            if itl_count:
+                on_itl(itl_value, itl_count)
+        if on_itl is not None:
+            lo = max(q, 1)
+            if s > lo:
+                gaps = ends[lo:s] - ends[lo - 1:s - 1]
+                if self._on_itl_many is not None:
+                    self._on_itl_many(gaps, run.B)
+                else:
+                    for g in gaps.tolist():
+                        on_itl(g, run.B)
+        for r in run.reqs:
+            r.num_computed_tokens += d
+            r.num_tokens += d
+            r.num_output_tokens += d
+            r.last_token_s = t_last
+        self._steps += d
+        self._tokens_generated += d * run.B
+        busy = self.busy_s
+        for dt in run.dts[q:s].tolist():
+            busy += dt
+        self.busy_s = busy
+
+
+def _alloc_counter(first: list[int], bs: int) -> Callable[[int], int]:
+    """``allocs(j)``: new blocks the run allocates in steps 1..j, given each request's first step."""
+    if len(first) > 32:
+        f = np.asarray(first, dtype=np.int64)
+
+        def allocs(j: int) -> int:
+            x = j - f
+            return int(np.sum(x[x >= 0] // bs + 1))
+    else:
+        def allocs(j: int) -> int:
+            return sum((j - s) // bs + 1 for s in first if s <= j)
+    return allocs

@@ -4,94 +4,187 @@ Names follow vLLM (``vllm/v1/core/block_pool.py``, ``kv_cache_manager.py``):
 
 - The **block pool** owns ``num_gpu_blocks`` blocks. Block 0 is the *null block* and is never
   handed out (vLLM reserves it too), so ``num_gpu_blocks - 1`` blocks hold KV.
-- The **free block queue** is a doubly linked list (arrays here, no per-block objects).
-  Allocation pops from the front. A finished request frees its blocks *tail first*; freed blocks
-  that carry a hash go to the back (they stay cached: LRU with the deepest block of a chain
-  evicted first), blocks without a hash go to the front (reused first).
+- The **free block queue** keeps free blocks in eviction order. Allocation pops from the front.
+  A finished request frees its blocks *tail first*; freed blocks that carry a hash go to the back
+  (they stay cached: LRU with the deepest block of a chain evicted first), blocks without a hash go
+  to the front (reused first).
 - **Cached blocks** are simply free-or-used blocks that carry a block hash and are registered in
   the hash map. Popping a cached free block for a new allocation evicts its hash. A prefix hit on
   a free cached block ``touch``-es it: ``ref_cnt += 1`` and it leaves the free queue, so it counts
   against free capacity at admission.
 - **Usage** (``vllm:kv_cache_usage_perc``) is ``1 - free / (num_gpu_blocks - 1)``; cached-but-free
   blocks count as free.
+
+Speed: a request allocates, registers and frees tens to hundreds of blocks at a time (a 1k-token
+prompt is 64 blocks), so every pool operation works on a whole list of blocks and the common cases
+(no shared blocks, no duplicate hashes) run at C speed through ``map`` over list methods, with a
+per-block Python fallback that is the reference semantics. The free queue is a Python list with a
+moving head and lazy deletion instead of a linked list, so popping or appending n blocks is a slice
+or an ``extend``.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections import deque
+from itertools import repeat
+from typing import Callable, Sequence
 
-import numpy as np
+_consume = deque(maxlen=0).extend  # run an iterator to exhaustion at C speed
 
-_NIL = -1
+
+def _scatter(target: list, index, values) -> None:
+    """``target[i] = v`` for each pair, without a Python-level loop."""
+    _consume(map(target.__setitem__, index, values))
 
 
 class FreeBlockQueue:
-    """Doubly linked list of free block ids with O(1) popleft, append, appendleft and remove."""
+    """Free block ids in eviction order: O(1) per block popleft / append / appendleft / remove.
 
-    __slots__ = ("prev", "next", "head", "tail", "size", "in_queue")
+    Storage is a list ``_q`` whose live part starts at ``_head``. ``_pos[b]`` is the *logical*
+    slot of block ``b`` (physical index + ``_base``), so trimming or padding the list never
+    rewrites positions. An entry is live iff ``_pos[q[i]] == i + _base``; ``remove`` only marks the
+    block (``_pos = -1``) and leaves a hole that pops skip. Popped blocks keep a stale ``_pos``
+    pointing before ``_head``, which no live check can match.
+    """
+
+    __slots__ = ("_q", "_pos", "_head", "_base", "size", "_holes")
+    _ORIGIN = 1 << 40  # logical positions stay positive whatever the padding
 
     def __init__(self, num_blocks: int, initial: Sequence[int]):
-        self.prev = np.full(num_blocks, _NIL, dtype=np.int64).tolist()
-        self.next = np.full(num_blocks, _NIL, dtype=np.int64).tolist()
-        self.in_queue = [False] * num_blocks
-        self.head = _NIL
-        self.tail = _NIL
-        self.size = 0
-        for b in initial:
-            self.append(b)
+        init = list(initial)
+        self._q: list[int] = init
+        self._head = 0
+        self._base = self._ORIGIN
+        self._pos = [-1] * num_blocks
+        _scatter(self._pos, init, range(self._base, self._base + len(init)))
+        self.size = len(init)
+        self._holes = 0
 
-    def popleft(self) -> int:
-        b = self.head
-        if b == _NIL:
-            raise IndexError("free block queue is empty")
-        self.remove(b)
-        return b
-
-    def remove(self, b: int) -> None:
-        p, n = self.prev[b], self.next[b]
-        if p != _NIL:
-            self.next[p] = n
-        else:
-            self.head = n
-        if n != _NIL:
-            self.prev[n] = p
-        else:
-            self.tail = p
-        self.prev[b] = self.next[b] = _NIL
-        self.in_queue[b] = False
-        self.size -= 1
-
-    def append(self, b: int) -> None:
-        self.prev[b] = self.tail
-        self.next[b] = _NIL
-        if self.tail != _NIL:
-            self.next[self.tail] = b
-        else:
-            self.head = b
-        self.tail = b
-        self.in_queue[b] = True
-        self.size += 1
-
-    def appendleft(self, b: int) -> None:
-        self.next[b] = self.head
-        self.prev[b] = _NIL
-        if self.head != _NIL:
-            self.prev[self.head] = b
-        else:
-            self.tail = b
-        self.head = b
-        self.in_queue[b] = True
-        self.size += 1
-
+    # -- queries ---------------------------------------------------------------------------
     def __len__(self) -> int:
         return self.size
 
+    def __contains__(self, b: int) -> bool:
+        p = self._pos[b] - self._base
+        return self._head <= p < len(self._q) and self._q[p] == b
+
+    @property
+    def in_queue(self) -> list[bool]:
+        return [b in self for b in range(len(self._pos))]
+
     def to_list(self) -> list[int]:
-        out, b = [], self.head
-        while b != _NIL:
-            out.append(b)
-            b = self.next[b]
+        q, pos, base = self._q, self._pos, self._base
+        if not self._holes:
+            return q[self._head:]
+        return [b for i, b in enumerate(q[self._head:], self._head + base) if pos[b] == i]
+
+    def iter_front(self):
+        """Live block ids from the front (what successive pops would return), lazily."""
+        q, pos, base = self._q, self._pos, self._base
+        for i in range(self._head, len(q)):
+            b = q[i]
+            if pos[b] == i + base:
+                yield b
+
+    # -- pops ------------------------------------------------------------------------------
+    def popleft(self) -> int:
+        if not self.size:
+            raise IndexError("free block queue is empty")
+        return self.pop_many(1)[0]
+
+    def pop_many(self, n: int) -> list[int]:
+        """The first ``n`` blocks, removed (what ``n`` successive ``popleft`` calls return)."""
+        if n > self.size:
+            raise IndexError(f"cannot pop {n} blocks, {self.size} free")
+        h = self._head
+        q = self._q
+        if not self._holes:
+            out = q[h:h + n]
+            h += n
+        else:
+            pos, base = self._pos, self._base
+            out = []
+            while len(out) < n:
+                b = q[h]
+                if pos[b] == h + base:
+                    out.append(b)
+                else:
+                    self._holes -= 1
+                h += 1
+        self._head = h
+        self.size -= n
+        if h > 4096 and 2 * h > len(q):
+            self._trim()
         return out
+
+    def remove(self, b: int) -> None:
+        p = self._pos[b] - self._base
+        if not (self._head <= p < len(self._q) and self._q[p] == b):
+            raise ValueError(f"block {b} is not in the free queue")
+        self._pos[b] = -1
+        self.size -= 1
+        if p == self._head:
+            self._head += 1
+        elif p == len(self._q) - 1:
+            self._q.pop()
+        else:
+            self._holes += 1
+            if self._holes > 4096 and self._holes > self.size:
+                self._compact()
+
+    # -- pushes ----------------------------------------------------------------------------
+    def append(self, b: int) -> None:
+        self._pos[b] = len(self._q) + self._base
+        self._q.append(b)
+        self.size += 1
+
+    def extend(self, blocks: Sequence[int]) -> None:
+        """Append each block to the back, in order."""
+        start = len(self._q) + self._base
+        self._q.extend(blocks)
+        _scatter(self._pos, blocks, range(start, start + len(blocks)))
+        self.size += len(blocks)
+
+    def appendleft(self, b: int) -> None:
+        if self._head == 0:
+            self._grow_front(1)
+        self._head -= 1
+        self._q[self._head] = b
+        self._pos[b] = self._head + self._base
+        self.size += 1
+
+    def extendleft(self, blocks: Sequence[int]) -> None:
+        """``appendleft`` each block in order (the last one ends up at the front), like deque's."""
+        n = len(blocks)
+        if self._head < n:
+            self._grow_front(n)
+        h = self._head - n
+        rev = list(reversed(blocks))
+        self._q[h:self._head] = rev
+        _scatter(self._pos, rev, range(h + self._base, h + self._base + n))
+        self._head = h
+        self.size += n
+
+    # -- storage housekeeping (amortised O(1) per operation) ---------------------------------
+    def _grow_front(self, need: int) -> None:
+        pad = max(need, len(self._q) - self._head, 64)
+        self._q = [0] * pad + self._q[self._head:]
+        self._base += self._head - pad
+        self._head = pad
+
+    def _trim(self) -> None:
+        """Drop the consumed front of the list (logical positions are unchanged)."""
+        self._q = self._q[self._head:]
+        self._base += self._head
+        self._head = 0
+
+    def _compact(self) -> None:
+        """Drop holes: rebuild the live part and renumber it."""
+        live = self.to_list()
+        self._q = live
+        self._head = 0
+        _scatter(self._pos, live, range(self._base, self._base + len(live)))
+        self._holes = 0
 
 
 class BlockPool:
@@ -122,25 +215,33 @@ class BlockPool:
 
     def get_cached_block(self, h: int) -> int | None:
         v = self.cached.get(h)
-        if v is None:
-            return None
-        if isinstance(v, int):
+        if v is None or type(v) is int:
             return v
         return next(iter(v))
 
     # -- allocation ------------------------------------------------------------------------
     def get_new_blocks(self, n: int) -> list[int]:
+        """Pop ``n`` blocks from the front of the free queue, evicting the hashes they carry."""
         if n > self.free_queue.size:
             raise ValueError(f"cannot allocate {n} blocks, only {self.free_queue.size} free")
-        out = []
-        fq = self.free_queue
-        for _ in range(n):
-            b = fq.popleft()
-            if self.block_hash[b] is not None:
-                self._evict(b)
-            self.ref_cnt[b] = 1
-            out.append(b)
+        out = self.free_queue.pop_many(n)
+        hashes = list(map(self.block_hash.__getitem__, out))
+        if hashes.count(None) != n:
+            self._evict_many(out, hashes)
+        _scatter(self.ref_cnt, out, repeat(1, n))
         return out
+
+    def _evict_many(self, blocks: list[int], hashes: list) -> None:
+        eb = [b for b, h in zip(blocks, hashes) if h is not None]
+        eh = [h for h in hashes if h is not None]
+        cached = self.cached
+        if list(map(cached.get, eh)) == eb:  # each hash maps to exactly its block: the common case
+            _consume(map(cached.__delitem__, eh))
+            _scatter(self.block_hash, eb, repeat(None))
+            self.evictions += len(eb)
+        else:
+            for b in eb:
+                self._evict(b)
 
     def _evict(self, b: int) -> None:
         h = self.block_hash[b]
@@ -159,10 +260,11 @@ class BlockPool:
     def touch(self, blocks: Sequence[int]) -> None:
         """A prefix hit takes blocks: free cached ones leave the free queue."""
         fq = self.free_queue
+        rc = self.ref_cnt
         for b in blocks:
-            if self.ref_cnt[b] == 0:
+            if rc[b] == 0:
                 fq.remove(b)
-            self.ref_cnt[b] += 1
+            rc[b] += 1
 
     def cache_block(self, b: int, h: int) -> None:
         """Register a full block's hash (done when the block is scheduled full, as vLLM does)."""
@@ -170,22 +272,48 @@ class BlockPool:
         v = self.cached.get(h)
         if v is None:
             self.cached[h] = b
-        elif isinstance(v, int):
+        elif type(v) is int:
             if v != b:
                 self.cached[h] = {v: None, b: None}
         else:
             v[b] = None
 
+    def cache_blocks(self, blocks: Sequence[int], hashes: Sequence[int]) -> None:
+        """``cache_block`` for each pair, in order."""
+        if self.cached.keys().isdisjoint(hashes):  # no duplicate content: the common case
+            _scatter(self.block_hash, blocks, hashes)
+            self.cached.update(zip(hashes, blocks))
+        else:
+            for b, h in zip(blocks, hashes):
+                self.cache_block(b, h)
+
     def free_blocks(self, ordered_blocks: Sequence[int]) -> None:
-        """Release blocks given in eviction order (callers pass a request's blocks tail first)."""
+        """Release blocks given in eviction order (callers pass a request's blocks tail first).
+
+        A block whose ref count drops to 0 joins the free queue: at the back if it carries a hash
+        (it stays cached; LRU from the front), at the front otherwise (nothing worth keeping).
+        """
+        blocks = list(ordered_blocks)
+        rc = self.ref_cnt
+        if list(map(rc.__getitem__, blocks)).count(1) == len(blocks):  # none shared: all become free
+            _scatter(rc, blocks, repeat(0))
+            freed = blocks
+        else:
+            freed = []
+            for b in blocks:
+                rc[b] -= 1
+                if rc[b] == 0:
+                    freed.append(b)
+        hashes = list(map(self.block_hash.__getitem__, freed))
+        unhashed = hashes.count(None)
         fq = self.free_queue
-        for b in ordered_blocks:
-            self.ref_cnt[b] -= 1
-            if self.ref_cnt[b] == 0:
-                if self.block_hash[b] is not None:
-                    fq.append(b)  # stays cached; LRU from the front
-                else:
-                    fq.appendleft(b)  # nothing worth keeping: reuse first
+        if unhashed == 0:
+            fq.extend(freed)
+        elif unhashed == len(freed):
+            fq.extendleft(freed)
+        else:
+            fq.extendleft([b for b, h in zip(freed, hashes) if h is None])
+            fq.extend([b for b, h in zip(freed, hashes) if h is not None])
 
     def reset_prefix_cache(self) -> None:
         for h in list(self.cached):
@@ -200,10 +328,10 @@ class BlockPool:
         assert len(free) == self.free_queue.size, "free queue size mismatch"
         assert len(set(free)) == len(free), "block twice in free queue"
         assert self.null_block not in free, "null block in free queue"
+        in_queue = self.free_queue.in_queue
         for b in range(self.num_gpu_blocks):
-            in_q = self.free_queue.in_queue[b]
             assert self.ref_cnt[b] >= 0, f"negative ref count on block {b}"
-            assert in_q == (self.ref_cnt[b] == 0), f"block {b}: ref_cnt {self.ref_cnt[b]} but in_queue={in_q}"
+            assert in_queue[b] == (self.ref_cnt[b] == 0), f"block {b}: ref_cnt {self.ref_cnt[b]} but in_queue={in_queue[b]}"
         for h, v in self.cached.items():
             for b in ([v] if isinstance(v, int) else v):
                 assert self.block_hash[b] == h, f"hash map points to block {b} without that hash"
@@ -215,7 +343,14 @@ class KVCacheManager:
     A request (any object with the attributes used below, see :class:`sim.engine.EngineRequest`)
     holds ``blocks`` (its block table), ``block_hashes`` (precomputed hashes of its full prompt
     blocks), ``num_cached_blocks`` (how many of its blocks are registered in the hash map) and
-    ``hash_key`` (a per-request key for hashing blocks beyond the precomputed ones).
+    ``extend_block_hashes(n)`` (hashes for blocks beyond the precomputed ones).
+
+    ``pending_sync`` / ``pending_blocks``: while the engine fast-forwards a decode run, some of the
+    run's block operations may not be applied yet; the engine sets these callables so that every
+    *observation* sees the exact state of the current simulated time: the cached prefix after
+    applying them (``pending_sync``), the free-block count arithmetically (``pending_blocks``:
+    blocks taken by now but not yet popped). The engine's own scheduling never runs while a run is
+    pending.
     """
 
     def __init__(self, num_gpu_blocks: int, block_size: int, enable_caching: bool = True,
@@ -227,12 +362,18 @@ class KVCacheManager:
         # Prefix-cache stats in tokens (vllm:prefix_cache_queries / _hits).
         self.prefix_queries = 0
         self.prefix_hits = 0
+        self.pending_sync: Callable[[], None] | None = None
+        self.pending_blocks: Callable[[], int] | None = None
 
     @property
     def num_free_blocks(self) -> int:
+        if self.pending_blocks is not None:
+            return self.pool.free_queue.size - self.pending_blocks()
         return self.pool.free_queue.size
 
     def usage(self) -> float:
+        if self.pending_blocks is not None:
+            return 1.0 - (self.pool.free_queue.size - self.pending_blocks()) / (self.pool.num_gpu_blocks - 1)
         return self.pool.usage()
 
     def get_computed_blocks(self, req) -> tuple[list[int], int]:
@@ -244,20 +385,22 @@ class KVCacheManager:
         if not self.enable_caching:
             return [], 0
         hashes = req.block_hashes
-        max_blocks = (req.num_tokens - 1) // self.block_size
+        max_blocks = min((req.num_tokens - 1) // self.block_size, len(hashes))
         out: list[int] = []
-        get = self.pool.get_cached_block
-        for i in range(min(max_blocks, len(hashes))):
-            b = get(hashes[i])
-            if b is None:
+        get = self.pool.cached.get
+        for i in range(max_blocks):
+            v = get(hashes[i])
+            if v is None:
                 break
-            out.append(b)
+            out.append(v if type(v) is int else next(iter(v)))
         return out, len(out) * self.block_size
 
     def cached_prefix_blocks(self, hashes: Sequence[int]) -> int:
         """How many leading hashes are in the cache now (for 'precise' prefix routing)."""
         if not self.enable_caching:
             return 0
+        if self.pending_sync is not None:
+            self.pending_sync()
         n = 0
         cached = self.pool.cached
         for h in hashes:
@@ -265,6 +408,23 @@ class KVCacheManager:
                 break
             n += 1
         return n
+
+    def blocks_needed(self, req, num_new_tokens: int, new_computed_blocks: Sequence[int] = ()) -> tuple[int, int]:
+        """(new blocks to pop, blocks the allocation takes from the free queue) -- no side effects."""
+        num_computed = req.num_computed_tokens + len(new_computed_blocks) * self.block_size
+        num_new = -(-(num_computed + num_new_tokens) // self.block_size) - len(req.blocks) - len(new_computed_blocks)
+        rc = self.pool.ref_cnt
+        evictable_hits = sum(1 for b in new_computed_blocks if rc[b] == 0)
+        return num_new, max(num_new, 0) + evictable_hits
+
+    def can_allocate(self, req, num_new_tokens: int, new_computed_blocks: Sequence[int] = (),
+                     apply_watermark: bool = False) -> bool:
+        """Would ``allocate_slots`` succeed now? (No side effects.)"""
+        _, need = self.blocks_needed(req, num_new_tokens, new_computed_blocks)
+        free = self.pool.free_queue.size
+        if apply_watermark:
+            free -= self.watermark_blocks
+        return need <= free
 
     def allocate_slots(self, req, num_new_tokens: int, new_computed_blocks: Sequence[int] = (),
                        apply_watermark: bool = False) -> bool:
@@ -274,16 +434,7 @@ class KVCacheManager:
         cached blocks leave the free queue, so they count against free capacity.
         """
         pool = self.pool
-        bs = self.block_size
-        num_computed = req.num_computed_tokens + len(new_computed_blocks) * bs
-        num_required = -(-(num_computed + num_new_tokens) // bs)
-        num_new = num_required - len(req.blocks) - len(new_computed_blocks)
-        num_evictable_hits = 0
-        rc = pool.ref_cnt
-        for b in new_computed_blocks:
-            if rc[b] == 0:
-                num_evictable_hits += 1
-        need = max(num_new, 0) + num_evictable_hits
+        num_new, need = self.blocks_needed(req, num_new_tokens, new_computed_blocks)
         free = pool.free_queue.size
         if apply_watermark:
             free -= self.watermark_blocks
@@ -296,34 +447,97 @@ class KVCacheManager:
         if num_new > 0:
             req.blocks.extend(pool.get_new_blocks(num_new))
         if self.enable_caching:
-            self._cache_full_blocks(req, num_computed + num_new_tokens)
+            self.cache_full_blocks(req, req.num_computed_tokens + len(new_computed_blocks) * self.block_size
+                                   + num_new_tokens)
         return True
 
-    def _cache_full_blocks(self, req, num_tokens: int) -> None:
+    def cache_full_blocks(self, req, num_tokens: int) -> None:
         """Register hashes of blocks that are full once ``num_tokens`` tokens are computed."""
         num_full = num_tokens // self.block_size
         i = req.num_cached_blocks
         if num_full <= i:
             return
-        hashes = req.block_hashes
-        pool = self.pool
-        blocks = req.blocks
-        while i < num_full:
-            if i >= len(hashes):
-                req.extend_block_hashes(i + 1)
-                hashes = req.block_hashes
-            pool.cache_block(blocks[i], hashes[i])
-            i += 1
+        if num_full > len(req.block_hashes):
+            req.extend_block_hashes(num_full)
+        self.pool.cache_blocks(req.blocks[i:num_full], req.block_hashes[i:num_full])
         req.num_cached_blocks = num_full
 
     def free(self, req) -> None:
         """Release a request's blocks, tail first (deepest block of the chain evicted first)."""
         blocks = req.blocks
         if blocks:
-            self.pool.free_blocks(reversed(blocks))
+            self.pool.free_blocks(blocks[::-1])
         req.blocks = []
         req.num_cached_blocks = 0
 
     def record_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
         self.prefix_queries += num_tokens
         self.prefix_hits += num_hit_tokens
+
+
+class PromptBlockHashes:
+    """The engine block hashes of every prompt of a workload, for the cluster to hand to requests.
+
+    Why: hashing a prompt block by block in Python at each arrival (``engine_block_hashes``) costs
+    about a microsecond per block, more than simulating the request. Here they are computed with
+    the vectorised, bit-identical :func:`traces.hashing.engine_block_hashes_csr`, a chunk of
+    ``chunk`` consecutive requests at a time (arrivals come in order), so memory stays bounded
+    whatever the workload size. A row outside the current chunk (a retry) uses the scalar
+    reference, as does a workload the vectorised path cannot reproduce exactly.
+    """
+
+    def __init__(self, workload, block_size: int, chunk: int = 32768):
+        from traces import hashing
+
+        df = workload.df
+        self.block_size = block_size
+        self.chunk = chunk
+        self.workload = workload
+        self.prompt = df["prompt_tokens"].to_numpy(dtype="int64")
+        self._hashing = hashing
+        self._token = workload.list_csr("token_ids") if workload.has("token_ids") else None
+        self._hash = workload.list_csr("hash_ids") if workload.has("hash_ids") and workload.hash_block_size else None
+        self.vectorised = True
+        if self._token is not None:
+            off, val, present = self._token
+            if not hashing.TUPLE_HASH_OK or (val.size and val.min() < 0):
+                self.vectorised = False
+        self._start = -1
+        self._offsets = None
+        self._values: list[int] = []
+
+    def __call__(self, i: int) -> list[int]:
+        if not self.vectorised:
+            return self.scalar(i)
+        start = i - i % self.chunk
+        if start != self._start:
+            if self._start >= 0 and start < self._start:
+                return self.scalar(i)  # an earlier row again (a retry): not worth a whole chunk
+            self._compute(start)
+        off = self._offsets
+        j = i - start
+        return self._values[off[j]:off[j + 1]]
+
+    def _compute(self, start: int) -> None:
+        import numpy as np
+
+        end = min(start + self.chunk, len(self.prompt))
+        kw: dict = {}
+        for name, csr in (("token", self._token), ("hash", self._hash)):
+            if csr is None:
+                continue
+            off, val, present = csr
+            o = off[start:end + 1]
+            kw[f"{name}_ids"] = (o - o[0], val[o[0]:o[-1]])
+            kw[f"{name}_present"] = present[start:end]
+        if self._hash is not None:
+            kw["hash_block_size"] = self.workload.hash_block_size
+        offsets, values = self._hashing.engine_block_hashes_csr(
+            self.prompt[start:end], self.block_size, unique_keys=np.arange(start, end, dtype=np.int64), **kw)
+        self._start = start
+        self._offsets = offsets.tolist()
+        self._values = values.tolist()
+
+    def scalar(self, i: int) -> list[int]:
+        """The reference: :meth:`traces.schema.Workload.block_hashes` for row ``i``."""
+        return self.workload.block_hashes(i, self.block_size)

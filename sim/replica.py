@@ -3,17 +3,35 @@
     starting --(cold start)--> serving --(scale-in)--> draining --(empty)--> stopped
          \\___________________________\\______(failure)_____________________> failed
 
-The process reads like the story of the replica: wait out the cold start, then loop
-"plan a step, spend the step's time on the GPU, apply it", sleeping while there is no work.
-A failure is a SimPy interrupt: the step in progress is lost and every in-flight request is
-handed back to the cluster (which retries or fails it).
+The process reads like the story of the replica: wait out the cold start, serve until drained,
+stop. Serving is a loop "plan a step, spend the step's time on the GPU, apply it", sleeping while
+there is no work. It runs as event callbacks rather than one generator resume per step (a step is
+the simulator's innermost event), with two ways to advance:
+
+- **one step at a time** (the reference): ``plan = engine.schedule()``, an event at
+  ``now + step_time(plan.shape)``, then ``engine.update(plan, now)``;
+- **fast-forward** (default): when the batch is a steady decode run, one event at the end of the
+  whole run (:meth:`sim.engine.Engine.plan_decode_run`). An arrival truncates the run to the step
+  in flight (the event moves earlier); views read in between see the exact state at that time.
+
+Both give identical results (tests/test_fast_forward.py). Step-end events are URGENT: at a time
+where a step ends and something else happens, the step's update comes first in both modes.
+
+A failure is a SimPy interrupt of the process: the step in progress is lost and every in-flight
+request is handed back to the cluster (which retries or fails it).
 """
 
 from __future__ import annotations
 
+import math
+import os
+from heapq import heappush
 from typing import TYPE_CHECKING, Sequence
 
+import numpy as np
 import simpy
+from simpy.core import URGENT
+from simpy.events import Event
 
 from policies.base import ReplicaState
 from sim.engine import Engine, EngineConfig, EngineRequest
@@ -22,37 +40,75 @@ from sim.step_time import StepTimeModel
 if TYPE_CHECKING:
     from sim.cluster import Cluster
 
+NAIVE_ENV = "FLEETSIM_NAIVE"  # FLEETSIM_NAIVE=1 forces the one-event-per-step reference path
+
+
+def fast_forward_default() -> bool:
+    return os.environ.get(NAIVE_ENV, "").strip() not in ("1", "true", "yes")
+
 
 class EngineStalled(RuntimeError):
     """The scheduler had work but could schedule nothing: a bug or an impossible config."""
+
+
+class _StepEnd(Event):
+    """A triggered event at absolute time ``t`` (URGENT) that calls ``callback``.
+
+    Like :class:`simpy.Timeout`, but placed at an exact absolute time: a fast-forward run ends at a
+    float computed by summing step durations one by one, which ``now + (t - now)`` may miss by an
+    ulp.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, env: simpy.Environment, t: float, callback) -> None:
+        self.env = env
+        self.callbacks = [callback]
+        self._value = None
+        self._ok = True
+        heappush(env._queue, (t, URGENT, next(env._eid), self))
+
+    def cancel(self) -> None:
+        if self.callbacks:
+            self.callbacks.clear()
 
 
 class Replica:
     """One model server (``num_gpus`` GPUs with tensor parallelism). Implements ``ReplicaView``."""
 
     def __init__(self, cluster: "Cluster", replica_id: int, engine_cfg: EngineConfig,
-                 step_model: StepTimeModel, cold_start_s: float, num_gpus: int, usd_per_gpu_hour: float):
+                 step_model: StepTimeModel, cold_start_s: float, num_gpus: int, usd_per_gpu_hour: float,
+                 fast_forward: bool | None = None):
         self.cluster = cluster
-        self.env: simpy.Environment = cluster.env
+        env = self.env = cluster.env
         self.replica_id = replica_id
-        self.engine = Engine(engine_cfg, on_itl=cluster.itl.add)
+        itl = cluster.itl
+        self.engine = Engine(engine_cfg, on_itl=itl.add, on_itl_many=_bulk_itl(itl), clock=lambda: env.now)
         self.step_model = step_model
         self.cold_start_s = cold_start_s
         self.num_gpus = num_gpus
         self.usd_per_gpu_hour = usd_per_gpu_hour
         self.block_size = engine_cfg.block_size
         self.num_total_blocks = engine_cfg.num_gpu_blocks
+        if fast_forward is None:
+            fast_forward = getattr(cluster.cfg, "engine_fast_forward", True) and fast_forward_default()
+        self.fast_forward = fast_forward
         self.state = ReplicaState.STARTING
-        self.created_s = self.env.now
+        self.created_s = env.now
         self.serving_s: float | None = None
         self.ended_s: float | None = None
         # Router-tracked counters (exact, maintained by the cluster on route / finish).
         self.inflight_requests = 0
         self.inflight_tokens = 0
-        self.busy_s = 0.0
-        self._wake = self.env.event()
         self._stop_now = False
-        self.process = self.env.process(self._run())
+        self._idle = False  # serving with nothing to do: the next submit wakes the loop
+        self._timer: _StepEnd | None = None  # end of the step (or run) in flight
+        self._timer_at = 0.0
+        self._plan = None
+        self._dt = 0.0
+        self._plan_aborts = 0
+        self._stopped = env.event()
+        self.process = env.process(self._run())
 
     # -- ReplicaView -------------------------------------------------------------------------
     @property
@@ -83,10 +139,17 @@ class Replica:
     def cached_prefix_blocks(self, block_hashes: Sequence[int]) -> int:
         return self.engine.kv.cached_prefix_blocks(block_hashes)
 
+    @property
+    def busy_s(self) -> float:
+        """GPU-busy seconds: the sum of the durations of the steps this replica has completed."""
+        e = self.engine
+        if e.in_run:
+            e.sync()
+        return e.busy_s
+
     # -- the story ---------------------------------------------------------------------------
     def _run(self):
         env = self.env
-        engine = self.engine
         try:
             if self.cold_start_s > 0:
                 yield env.timeout(self.cold_start_s)
@@ -96,34 +159,81 @@ class Replica:
             self.state = ReplicaState.SERVING
             self.serving_s = env.now
             self.cluster.on_replica_ready(self)
-            step_time = self.step_model.step_time
-            while True:
-                if not engine.has_work():
-                    if self.state == ReplicaState.DRAINING:
-                        break
-                    self._wake = env.event()
-                    yield self._wake
-                    continue
-                start = env.now
-                plan = engine.schedule(start)
-                if plan.empty:
-                    if plan.preempted:
-                        # vLLM too can return an empty step when the only candidate preempted
-                        # itself (priority policy); the next schedule() sees the freed blocks.
-                        continue
-                    raise EngineStalled(
-                        f"replica {self.replica_id}: {engine.num_waiting} waiting, {engine.num_running} running "
-                        f"but nothing schedulable (free blocks {engine.kv.num_free_blocks})")
-                dt = step_time(plan.shape)
-                yield env.timeout(dt)
-                self.busy_s += dt
-                for req in engine.update(plan, env.now):
-                    self.cluster.on_request_finished(self, req)
+            self._next_step()
+            yield self._stopped  # serving happens in the step callbacks until drained
             self._end(ReplicaState.STOPPED)
         except simpy.Interrupt:
-            aborted = engine.abort_all()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            aborted = self.engine.abort_all()
             self._end(ReplicaState.FAILED)
             self.cluster.on_replica_failed(self, aborted)
+
+    def _next_step(self) -> None:
+        """Plan what the GPU does next: a run of decode steps, one step, or nothing."""
+        engine = self.engine
+        if not engine.has_work():
+            if self.state == ReplicaState.DRAINING:
+                self._stopped.succeed()
+            else:
+                self._idle = True
+            return
+        now = self.env.now
+        if self.fast_forward:
+            end = engine.plan_decode_run(now, self.step_model)
+            if end is not None:
+                self._plan = None
+                self._plan_aborts = engine.aborts
+                self._arm(end)
+                return
+        plan = engine.schedule(now)
+        while plan.empty and plan.preempted:
+            # vLLM too can return an empty step when the only candidate preempted itself
+            # (priority policy); the next schedule() sees the freed blocks.
+            plan = engine.schedule(now)
+        if plan.empty:
+            raise EngineStalled(
+                f"replica {self.replica_id}: {engine.num_waiting} waiting, {engine.num_running} running "
+                f"but nothing schedulable (free blocks {engine.kv.num_free_blocks})")
+        dt = self.step_model.step_time(plan.shape)
+        self._plan = plan
+        self._dt = dt
+        self._plan_aborts = engine.aborts
+        self._arm(now + dt)
+
+    def _arm(self, t: float) -> None:
+        """(Re)place the wake-up at the end of the step or run in flight."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = _StepEnd(self.env, t, self._step_done)
+        self._timer_at = t
+
+    def _step_done(self, _event) -> None:
+        """The step (or run) in flight ended: apply it, hand back finished requests, go on."""
+        self._timer = None
+        engine = self.engine
+        now = self.env.now
+        if engine.aborts != self._plan_aborts:  # everything was aborted meanwhile (horizon)
+            finished = []
+            self._plan = None
+        elif self._plan is None:
+            wake = engine.run_wake(now)
+            if wake is not None:  # the run goes on: its next chunk of steps is now computed
+                self._arm(wake)
+                return
+            finished = engine.finish_run(now)
+        else:
+            finished = engine.update(self._plan, now)
+            engine.busy_s += self._dt
+            self._plan = None
+        for req in finished:
+            self.cluster.on_request_finished(self, req)
+        if self.state in (ReplicaState.SERVING, ReplicaState.DRAINING):
+            self._next_step()
+
+    def _wake(self, _event) -> None:
+        self._next_step()
 
     def _end(self, state: ReplicaState) -> None:
         self.state = state
@@ -133,8 +243,19 @@ class Replica:
     # -- commands from the cluster -------------------------------------------------------------
     def submit(self, req: EngineRequest) -> None:
         self.engine.add_request(req, self.env.now)
-        if not self._wake.triggered:
-            self._wake.succeed()
+        if self._idle:
+            self._idle = False
+            self._schedule_wake()
+        elif self.engine.in_run:
+            # The new request can change the batch: the run ends with the step in flight.
+            end = self.engine.truncate_run(self.env.now)
+            if end < self._timer_at:
+                self._arm(end)
+
+    def _schedule_wake(self) -> None:
+        ev = self.env.event()
+        ev.callbacks.append(self._wake)
+        ev.succeed()
 
     def drain(self) -> None:
         """Stop taking new work; stop once in-flight requests finish (or at once if starting)."""
@@ -145,8 +266,9 @@ class Replica:
         if self.state != ReplicaState.SERVING:
             return
         self.state = ReplicaState.DRAINING
-        if not self._wake.triggered:
-            self._wake.succeed()
+        if self._idle:
+            self._idle = False
+            self._schedule_wake()
 
     def fail(self) -> None:
         if self.state in (ReplicaState.STOPPED, ReplicaState.FAILED):
@@ -159,3 +281,40 @@ class Replica:
 
     def cost_usd(self, now: float) -> float:
         return self.gpu_hours(now) * self.usd_per_gpu_hour
+
+
+def _bulk_itl(hist):
+    """``add(values, count)`` for many inter-token latencies at once, bucketed exactly like
+    ``hist.add`` would one by one (the histogram's own ``add_many`` if it has one).
+
+    ITL buckets are monotone in the value, so when the smallest and largest values of a run fall
+    in the same bucket (the usual case: a run's step times differ by microseconds), one increment
+    covers them all; otherwise each value is bucketed with the same scalar formula.
+    """
+    own = getattr(hist, "add_many", None)
+    if own is not None:
+        return own
+    add = hist.add
+    if not all(hasattr(hist, a) for a in ("lo", "log_base", "n_buckets", "counts", "total", "sum")):
+        return None
+
+    def bucket(x: float) -> int:
+        if x <= hist.lo:
+            return 0
+        return min(int(math.log(x / hist.lo) / hist.log_base) + 1, hist.n_buckets - 1)
+
+    def add_many(values: np.ndarray, count: int) -> None:
+        n = len(values)
+        if n == 0:
+            return
+        lo_v, hi_v = float(values.min()), float(values.max())
+        b = bucket(lo_v)
+        if b == bucket(hi_v):
+            hist.counts[b] += n * count
+            hist.total += n * count
+            hist.sum += float(values.sum()) * count
+        else:
+            for x in values.tolist():
+                add(x, count)
+
+    return add_many

@@ -209,6 +209,39 @@ class RooflineStepTime:
                     + 2.0 * (tp - 1) / tp * tokens * self._allreduce_bytes_per_token / self._link_bytes_s)
         return t if t > 0 else 1e-6  # the protocol requires > 0 (all knobs at zero and an empty step)
 
+    def decode_run_times(self, num_seqs: int, context_sum_start: int, k: int):
+        """Durations of ``k`` consecutive decode-only steps (``num_seqs`` sequences, context sum
+        ``context_sum_start`` growing by ``num_seqs`` per step), for the engine's exact fast-forward.
+
+        Element ``j`` is bit-identical to ``step_time(BatchShape(decode_seqs=num_seqs,
+        decode_context=context_sum_start + j * num_seqs))``: the batch-size terms are computed once
+        with the same scalar code, the context terms element-wise with the same operations in the
+        same order, and ``math.hypot`` per element (numpy's hypot may round differently).
+        """
+        import numpy as np
+
+        tokens = seqs = num_seqs
+        t = self.step_overhead_s + self.per_seq_overhead_s * seqs
+        if tokens <= 0:
+            return np.full(k, t if t > 0 else 1e-6)
+        gemm_c = (self._gemm_flops_per_token * tokens + self._lm_head_flops_per_seq * seqs) / self._gemm_flops_s
+        w = self._fixed_weight_bytes
+        if self.model.is_moe:
+            w += self.model.num_layers * self.experts_touched(tokens) * self._expert_bytes
+        t += math.hypot(gemm_c, w / self._mem_bytes_s)
+        dc = (np.arange(k, dtype=np.int64) * num_seqs + context_sum_start).astype(np.float64)
+        pa = 0.0
+        a = self._attn_flops_per_pair * (pa + dc) / self._attn_flops_s
+        m = self._kv_bytes_per_token * (dc + pa / Q_TILE) / self._mem_bytes_s
+        hyp = math.hypot
+        out = t + np.array([hyp(x, y) for x, y in zip(a.tolist(), m.tolist())])
+        tp = self.tensor_parallel
+        if tp > 1:
+            out = out + 2 * self.model.num_layers * (
+                self.comm_latency_s
+                + 2.0 * (tp - 1) / tp * tokens * self._allreduce_bytes_per_token / self._link_bytes_s)
+        return np.where(out > 0, out, 1e-6)
+
     def __repr__(self) -> str:
         return (f"RooflineStepTime({self.model.name} on {self.gpu.name}, tp={self.tensor_parallel}, "
                 f"{self.weight_dtype}, mfu={self.mfu}, mbu={self.mbu})")

@@ -127,6 +127,21 @@ class LinearStepTime:
             + c[5] * (shape.prefill_seqs + shape.decode_seqs)
         )
 
+    def decode_run_times(self, num_seqs: int, context_sum_start: int, k: int):
+        """Durations of ``k`` consecutive decode-only steps of ``num_seqs`` sequences whose context
+        sum is ``context_sum_start`` at the first step and grows by ``num_seqs`` per step.
+
+        Used by the engine's exact fast-forward: element ``j`` is bit-identical to
+        ``step_time(BatchShape(decode_seqs=num_seqs, decode_context=context_sum_start + j*num_seqs))``
+        (same float operations in the same order, element-wise).
+        """
+        import numpy as np
+
+        c = self.coef
+        head = c[0] + c[1] * 0 + c[2] * 0.0 + c[3] * num_seqs
+        ctx = (np.arange(k, dtype=np.int64) * num_seqs + context_sum_start).astype(np.float64)
+        return (head + c[4] * ctx) + c[5] * num_seqs
+
     def to_dict(self) -> dict:
         return {"form": "linear", "tensor_parallel": self.tensor_parallel,
                 "coefficients": dict(zip(LINEAR_FEATURES, self.coef))}

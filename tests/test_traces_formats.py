@@ -81,6 +81,7 @@ def test_lmbench_sessions(name, n, users):
         assert g["turn"].is_monotonic_increasing
         for a, b in zip(ids, ids[1:]):
             assert b[: len(a)] == a
+        assert g["parent_request_id"].iloc[1:].tolist() == g["request_id"].iloc[:-1].tolist()
     # the 1000-token system prompt (62 full 16-token blocks) is common to all users
     firsts = w.df.groupby("session_id")["hash_ids"].first().tolist()
     assert all(f[:62] == firsts[0][:62] for f in firsts) and firsts[0][62] != firsts[1][62]
@@ -140,6 +141,9 @@ def test_qwen_bailian_sessions_and_prefixes():
     sess = dict(zip(w.df["request_id"], w.df["session_id"]))
     assert sess["105"] == "101" and sess["106"] == "102"
     assert sess["108"] == "107"  # parent 999 is outside the file: 107 roots the session
+    parent = dict(zip(w.df["request_id"], w.df["parent_request_id"]))
+    assert parent["103"] == "101" and parent["108"] == "107"
+    assert parent["101"] != parent["101"] and parent["107"] != parent["107"]  # NaN: no parent in the file
     assert set(w.df["slo_class"]) == {"text", "search", "image", "file"}
     assert trace_stats(w)["prefix_reuse"]["blocks_reusable"] == 11
 

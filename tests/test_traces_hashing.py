@@ -132,3 +132,15 @@ def test_list_csr_handles_missing_and_slices():
 def test_engine_hash_csr_shapes(bs):
     off, val = engine_block_hashes_csr(np.array([1000, 15, 16]), bs)
     assert np.diff(off).tolist() == [1000 // bs, 15 // bs, 16 // bs]
+
+
+def test_chunked_key_computation_matches_scalar(monkeypatch):
+    import traces.hashing as h
+
+    monkeypatch.setattr(h, "_CHUNK", 7)  # force many chunks, including ones splitting nothing
+    prompts = [100, 0 + 16, 600, 33, 1024, 5]
+    ids = [[1, 2], [1], [1, 2, 3], None, [4, 5, 6, 7, 8, 9, 10, 11], [1]]
+    w = _workload(prompts, ids=ids, hbs=64)
+    off, val = w.block_hashes_csr(16)
+    for i, p in enumerate(prompts):
+        assert val[off[i] : off[i + 1]].tolist() == engine_block_hashes(p, 16, hash_ids=ids[i], hash_block_size=64, unique_key=i)

@@ -124,6 +124,11 @@ def test_lengths_resampled_from_a_trace_keep_pairs():
     spec["output_tokens"] = 64
     w = build_workload(WorkloadSpec(synthetic=spec), seed=9)
     assert set(w.df["prompt_tokens"]) <= set(conv["prompt_tokens"]) and (w.df["output_tokens"] == 64).all()
+    spec = {"num_requests": 20_000, "prompt_tokens": {"dist": "trace", "trace": "azure2023-conv", "fit": "lognormal"}}
+    p = build_workload(WorkloadSpec(synthetic=spec), seed=9).df["prompt_tokens"]
+    target = conv["prompt_tokens"]
+    assert p.mean() == pytest.approx(target.mean(), rel=0.05) and p.std() == pytest.approx(target.std(), rel=0.15)
+    assert not set(p) <= set(target)  # fitted, not resampled
 
 
 def test_sessions_grow_prompts_and_share_prefixes():
@@ -141,6 +146,10 @@ def test_sessions_grow_prompts_and_share_prefixes():
         ids = g["hash_ids"].tolist()
         for a, b in zip(ids, ids[1:]):
             assert b[: len(a)] == a
+        # what a closed-loop replay needs: the previous turn and the think time after it
+        assert g["parent_request_id"].iloc[1:].tolist() == g["request_id"].iloc[:-1].tolist()
+        assert g["parent_request_id"].isna().iloc[0] and np.isnan(g["think_time_s"].iloc[0])
+        assert (g["think_time_s"].iloc[1:] == 5.0).all()
     s = trace_stats(w)
     assert s["sessions"]["mean_turns"] == pytest.approx(4, abs=0.1)
     assert s["prefix_reuse"]["ratio"] > 0.5

@@ -91,7 +91,29 @@ def test_merge_tenants():
     kimi = w.df[w.df["tenant"] == "kimi"]["hash_ids"].explode().astype(int)
     qa = w.df[w.df["tenant"] == "qa"]["hash_ids"].explode().astype(int)
     assert not set(kimi) & set(qa)  # id spaces kept apart
-    assert len(w.df[w.df["tenant"] == "synth"]["hash_ids"].dropna()) == 0
+    synth = w.df[w.df["tenant"] == "synth"]["hash_ids"]
+    assert synth.notna().all() and (synth.list.len() == 0).all()  # no prefix identity: nothing shared, no NA
+
+
+def test_merge_converts_token_ids_to_hash_ids_exactly():
+    from traces.prefix_ids import token_ids_to_hash_ids
+
+    w = transforms.head(load_trace("llmservingsim-sharegpt"), 120)
+    h = token_ids_to_hash_ids(w)
+    assert "token_ids" not in h.df.columns and h.hash_block_size == 16
+    assert (h.df["hash_ids"].list.len() == -(-h.df["prompt_tokens"] // 16)).all()
+    off_a, a = w.block_hashes_csr(16)
+    off_b, b = h.block_hashes_csr(16)
+    np.testing.assert_array_equal(off_a, off_b)
+
+    def partition(x):
+        _, first, inv = np.unique(x, return_index=True, return_inverse=True)
+        return first[inv]
+
+    np.testing.assert_array_equal(partition(a), partition(b))
+    m = build(merge=[{"trace": "llmservingsim-sharegpt", "tenant": "tok", "max_requests": 120},
+                     {"trace": "azure2023-conv", "tenant": "az", "max_requests": 10}])
+    assert "token_ids" not in m.df.columns and m.df["hash_ids"].notna().all()
 
 
 def test_retime_sessions_follow_think_time():

@@ -95,9 +95,9 @@ def test_vllm_absent_gives_install_message(tmp_path, monkeypatch):
 def _synthetic_engine_run(seed: int = 0):
     """A tiny hand-made engine schedule (budget 64, no preemption) with its log and client timings.
 
-    Request A: prompt 100, 4 tokens, arrives at step 0 -> prefill 64 + 36 (steps 0,1), decodes 2..4.
-    Request B: prompt 40 (32 cached), 3 tokens, arrives at step 1 -> prefill 8 in step 1? No: budget
-    left in step 1 is 64 - 36 = 28 >= 8, so its whole (uncached) prompt runs in step 1; decodes 2,3.
+    Request A: prompt 100, 4 tokens: chunk 64 in step 0, 36 in step 1 (first token), decodes 2..4.
+    Request B: prompt 40 with 32 cached, 3 tokens: its 8 uncached tokens fit in step 1 after A's 36
+    (first token there), decodes in steps 2 and 3.
     """
     steps = [  # (ctx_req, ctx_tok, gen_req)
         (1, 64, 0),
@@ -138,8 +138,9 @@ def test_reconstruct_flags_steps_it_cannot_explain():
     reqs = reqs.copy()
     reqs.loc[1, "cached_tokens"] = 0  # B now needs 40 prefill tokens; the log has room for 8 only
     st, rep = reconstruct_shapes(parse_iteration_log(log), reqs, t0)
-    assert not st["reconstructed"].all()
-    assert rep["requests_unplaced"] >= 1 or rep["prefill_count_match_frac"] < 1
+    # only the step whose context tokens cannot hold both prompts is flagged; the error stays local
+    assert list(st["reconstructed"]) == [True, False, True, True, True]
+    assert rep["steps_reconstructed"] == 4 and np.isnan(st.loc[1, "prefill_attn"])
 
 
 # -- fitting -----------------------------------------------------------------------------------------
@@ -177,7 +178,7 @@ def test_fit_recovers_coefficients_with_noise_and_reports_heldout_mape():
     f = fit_step_time(train, test, target="elapsed")
     c = np.array([f.coefficients[k] for k in LINEAR_FEATURES])
     big = TRUE * feature_matrix(train).mean(0) > 1e-4  # terms that matter at these shapes
-    np.testing.assert_allclose(c[big], TRUE[big], rtol=0.1)
+    np.testing.assert_allclose(c[big], TRUE[big], rtol=0.15)  # num_seqs ~ collinear with decode_seqs
     assert 0.015 < f.heldout_mape < 0.035  # ~ the injected 3% noise, no worse
     assert f.heldout_source == "separate run"
     cyc = fit_step_time(train, test, target="cycle")  # cycle = elapsed fit + 2 ms overhead

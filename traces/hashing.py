@@ -29,6 +29,7 @@ _XX_P1 = _U64(11400714785074694791)
 _XX_P2 = _U64(14029467366897019727)
 _XX_P5 = _U64(2870177450012600261)
 _PYHASH_MODULUS = (1 << 61) - 1
+_CHUNK = 1 << 20
 
 
 def mix(parent: np.ndarray, key: np.ndarray) -> np.ndarray:
@@ -134,54 +135,56 @@ def engine_block_hashes_csr(
     n_full = prompt_tokens // block_size
     if unique_keys is None:
         unique_keys = np.arange(n, dtype=np.int64)
-    rows, pos = ragged_positions(n_full)
-    keys = np.zeros(len(rows), dtype=_U64)
     n_known = np.zeros(n, dtype=np.int64)  # leading engine blocks keyed by the trace's identity
-
     use_tok = np.zeros(n, dtype=bool)
+    t_off = t_val = h_off = h_val = None
     if token_ids is not None:
         t_off, t_val = token_ids
-        t_len = np.diff(t_off)
         use_tok = np.ones(n, dtype=bool) if token_present is None else token_present.astype(bool)
-        n_known = np.where(use_tok, np.minimum(n_full, t_len // block_size), n_known)
+        n_known = np.where(use_tok, np.minimum(n_full, np.diff(t_off) // block_size), n_known)
+    use_hash = np.zeros(n, dtype=bool)
     if hash_ids is not None and hash_block_size:
         h_off, h_val = hash_ids
-        h_len = np.diff(h_off)
         use_hash = (np.ones(n, dtype=bool) if hash_present is None else hash_present.astype(bool)) & ~use_tok
-        covered = h_len * int(hash_block_size)
+        covered = np.diff(h_off) * int(hash_block_size)
         n_known = np.where(use_hash, np.minimum(n_full, covered // block_size), n_known)
-    else:
-        use_hash = np.zeros(n, dtype=bool)
-
-    known = pos < n_known[rows]
-    # token-id keys
-    sel = known & use_tok[rows]
-    if sel.any():
-        r, p = rows[sel], pos[sel]
-        starts = t_off[:-1][r] + p * block_size
-        gather = starts[:, None] + np.arange(block_size, dtype=np.int64)[None, :]
-        keys[sel] = tuple_hash_rows(t_val[gather])
-    # hash-id keys: the (source id, offset) pieces the engine block spans
-    sel = known & use_hash[rows]
-    if sel.any():
-        hbs = int(hash_block_size)
-        r, p = rows[sel], pos[sel]
-        a = p * block_size
-        s0 = a // hbs
-        s1 = (a + block_size - 1) // hbs
-        base = h_off[:-1][r]
-        ids = as_u64(h_val)
-        k = mix(ids[base + s0], (a - s0 * hbs).astype(_U64))
-        extra = s1 - s0
-        for e in range(1, int(extra.max()) + 1 if len(extra) else 1):
-            m = extra >= e
-            k[m] = mix(k[m], ids[base[m] + s0[m] + e])
-        keys[sel] = k
-    # the unshared tail: unique to the request
-    sel = ~known
-    if sel.any():
-        ukey = mix(np.full(n, _U64(0xA5A5A5A5)), as_u64(unique_keys))
-        keys[sel] = mix(ukey[rows[sel]], pos[sel].astype(_U64))
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(n_full, out=offsets[1:])
+    keys = np.empty(int(offsets[-1]), dtype=_U64)
+    ukey = mix(np.full(n, _U64(0xA5A5A5A5)), as_u64(unique_keys))
+    ids = as_u64(h_val) if h_val is not None else None
+    # Keys are computed in chunks of ~1M blocks: big temporaries cost more in page faults than
+    # in arithmetic, and chunk-sized ones are reused from the allocator.
+    bounds = np.searchsorted(offsets, np.arange(0, offsets[-1] + _CHUNK, _CHUNK), side="left")
+    bounds = np.unique(np.clip(np.concatenate([[0], bounds, [n]]), 0, n))
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        base_off = offsets[lo]
+        rows, pos = ragged_positions(n_full[lo:hi])
+        rows += lo
+        k = np.empty(len(rows), dtype=_U64)
+        known = pos < n_known[rows]
+        sel = known & use_tok[rows]
+        if sel.any():
+            r, p = rows[sel], pos[sel]
+            starts = t_off[:-1][r] + p * block_size
+            gather = starts[:, None] + np.arange(block_size, dtype=np.int64)[None, :]
+            k[sel] = tuple_hash_rows(t_val[gather])
+        sel = known & use_hash[rows]
+        if sel.any():
+            # the (source id, offset) pieces the engine block spans
+            hbs = int(hash_block_size)
+            r, p = rows[sel], pos[sel]
+            a = p * block_size
+            s0 = a // hbs
+            extra = (a + block_size - 1) // hbs - s0
+            base = h_off[:-1][r] + s0
+            kk = mix(ids[base], (a - s0 * hbs).astype(_U64))
+            for e in range(1, int(extra.max()) + 1):
+                m = extra >= e
+                kk[m] = mix(kk[m], ids[base[m] + e])
+            k[sel] = kk
+        sel = ~known
+        if sel.any():  # the unshared tail: unique to the request
+            k[sel] = mix(ukey[rows[sel]], pos[sel].astype(_U64))
+        keys[base_off : base_off + len(k)] = k
     return offsets, chain_ragged(keys, offsets, _NONE_HASH)

@@ -114,18 +114,21 @@ def _show(v) -> str:
 
 
 def to_number(col: pd.Series) -> pd.Series:
-    """Strings / objects -> float64 (NaN where not a number), without raising."""
-    if pd.api.types.is_numeric_dtype(col.dtype) and not pd.api.types.is_bool_dtype(col.dtype):
+    """Strings / objects -> float64 (NaN where not a number), without raising. Booleans are
+    not numbers (a JSON ``true`` length is an error, not 1)."""
+    if pd.api.types.is_bool_dtype(col.dtype):
+        return pd.Series(np.full(len(col), np.nan), index=col.index)
+    if pd.api.types.is_numeric_dtype(col.dtype):
         return col.astype("float64")
-    s = col.astype("str") if col.dtype == object else col
-    return pd.to_numeric(s.where(s.notna(), None) if s.dtype == object else s, errors="coerce").astype("float64")
+    if col.dtype == object:
+        col = col.map(lambda x: np.nan if isinstance(x, bool) or x is None else x).astype("str")
+    return pd.to_numeric(col, errors="coerce").astype("float64")
 
 
 def check_int(v: RowValidator, raw: pd.Series, field_name: str, *, minimum: int) -> np.ndarray:
     """Validate an integer column (>= ``minimum``); returns int64 values (0 where invalid)."""
     num = to_number(raw).to_numpy()
-    missing = np.isnan(num) & _is_blank(raw)
-    v.check(missing, field_name, "missing")
+    v.check(blank_where(raw, np.isnan(num)), field_name, "missing")
     v.check(np.isnan(num), field_name, "not a number", raw)
     finite = np.where(np.isfinite(num), num, 0.0)
     v.check(~np.isfinite(num), field_name, "not finite", raw)
@@ -137,7 +140,7 @@ def check_int(v: RowValidator, raw: pd.Series, field_name: str, *, minimum: int)
 
 def check_float(v: RowValidator, raw: pd.Series, field_name: str, *, minimum: float | None = None) -> np.ndarray:
     num = to_number(raw).to_numpy()
-    v.check(np.isnan(num) & _is_blank(raw), field_name, "missing")
+    v.check(blank_where(raw, np.isnan(num)), field_name, "missing")
     v.check(~np.isfinite(num), field_name, "not a finite number", raw)
     out = np.where(np.isfinite(num), num, 0.0)
     if minimum is not None:
@@ -158,7 +161,15 @@ def check_monotonic(v: RowValidator, t: np.ndarray, field_name: str, raw: pd.Ser
     v.check(ok & (t < prev), field_name, "time goes backwards (file order must be arrival order)", raw if raw is not None else pd.Series(t))
 
 
-def _is_blank(raw: pd.Series) -> np.ndarray:
+def blank_where(raw: pd.Series, candidates: np.ndarray) -> np.ndarray:
+    """``is_blank`` evaluated only on the (usually few) ``candidates`` rows."""
+    out = np.zeros(len(raw), dtype=bool)
+    if candidates.any():
+        out[candidates] = is_blank(raw[candidates])
+    return out
+
+
+def is_blank(raw: pd.Series) -> np.ndarray:
     if pd.api.types.is_numeric_dtype(raw.dtype):
         return raw.isna().to_numpy()
     s = raw.astype("str")

@@ -175,3 +175,58 @@ def densify_ids(w: Workload) -> Workload:
     df = w.df.copy()
     df["hash_ids"] = pd.Series(csr_to_list_array(off, inv.astype(np.int64), present), index=df.index)
     return Workload(df, name=w.name, hash_block_size=w.hash_block_size, source=w.source, notes=list(w.notes))
+
+
+def link_sessions(df: pd.DataFrame) -> pd.DataFrame:
+    """Set ``parent_request_id`` = the previous request of the same session (arrival order).
+
+    Creates ``request_id`` (``"<row>"``) when the table has none. Rows outside sessions and
+    first turns get no parent. Returns a new frame.
+    """
+    out = df.copy()
+    if "request_id" not in out.columns:
+        out["request_id"] = pd.Series(np.arange(len(out)).astype(str), index=out.index, dtype="str")
+    if "session_id" in out.columns:
+        prev = out.groupby("session_id", sort=False, dropna=True)["request_id"].shift(1)
+        out["parent_request_id"] = prev.where(out["session_id"].notna(), np.nan)
+    return out
+
+
+def token_ids_to_hash_ids(w: Workload, block_size: int = 16) -> Workload:
+    """Replace ``token_ids`` by content ``hash_ids`` of ``block_size``-token blocks.
+
+    Block j's id identifies the prefix up to and including block j (chained hash of the token
+    blocks, then renumbered densely), so sharing is exactly what the token ids imply. A
+    trailing partial block, and blocks beyond the given token ids, get ids of their own.
+    Used when merging workloads, so the result carries one kind of prefix identity.
+    """
+    from traces.hashing import chain_ragged, tuple_hash_rows
+
+    if not w.has("token_ids"):
+        return w
+    off, val, present = list_column_csr(w.df["token_ids"])
+    prompts = w.df["prompt_tokens"].to_numpy(np.int64)
+    n = len(prompts)
+    full = np.where(present, np.minimum(np.diff(off), prompts) // block_size, 0)
+    total_blocks = -(-prompts // block_size)
+    f_off = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(full, out=f_off[1:])
+    rows = np.repeat(np.arange(n), full)
+    pos = np.arange(f_off[-1]) - f_off[rows]
+    gather = (off[:-1][rows] + pos * block_size)[:, None] + np.arange(block_size)[None, :]
+    keys = tuple_hash_rows(val[gather]) if len(rows) else np.zeros(0, dtype=np.uint64)
+    chained = chain_ragged(keys, f_off, 0x3C6EF372FE94F82B)
+    _, dense = np.unique(chained, return_inverse=True)
+    next_id = int(dense.max()) + 1 if dense.size else 0
+    per = []
+    for i in range(n):
+        known = dense[f_off[i] : f_off[i + 1]].astype(np.int64)
+        extra = int(total_blocks[i] - len(known))
+        per.append(np.concatenate([known, np.arange(next_id, next_id + extra, dtype=np.int64)]))
+        next_id += extra
+    df = w.df.drop(columns=["token_ids"])
+    col = ids_to_column(per)
+    col.index = df.index
+    df["hash_ids"] = col
+    return Workload(df, name=w.name, hash_block_size=block_size, source=w.source,
+                    notes=[*w.notes, f"token ids converted to {block_size}-token hash_ids"])

@@ -67,15 +67,17 @@ def nonblank_line_numbers(data: bytes) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------- CSV
-def read_csv_raw(path: Path, log: IssueLog, *, dtype=str) -> tuple[pd.DataFrame, np.ndarray]:
-    """All columns as text, plus the line number of every row (header = line 1).
+def read_csv_raw(path: Path, log: IssueLog) -> tuple[pd.DataFrame, np.ndarray]:
+    """Columns (numeric where the whole column parses, else text) plus the line number of
+    every row (header = line 1). Type inference by pandas' C parser keeps clean files fast;
+    columns with a bad cell come back as text and the loaders' checks name the cell.
 
     Blank lines are kept as all-missing rows so that row -> line stays exact and a blank line
     is reported like any other malformed row. A row with too many fields is an error (or is
     skipped and counted with ``skip_invalid``).
     """
     bad_lines: list[int] = []
-    kw = dict(dtype=dtype, keep_default_na=False, na_values=[], skip_blank_lines=False)
+    kw = dict(skip_blank_lines=False, low_memory=False)
     try:
         if log.skip_invalid:
             with warnings.catch_warnings(record=True) as caught:
@@ -174,7 +176,7 @@ def _table_to_frame(table: pa.Table) -> pd.DataFrame:
             cols[name] = pd.Series(pd.arrays.ArrowExtensionArray(col))
         else:
             cols[name] = col.to_pandas()
-    return pd.DataFrame(cols)
+    return pd.DataFrame(cols, copy=False)
 
 
 # --------------------------------------------------------------------------------- JSON array

@@ -10,7 +10,12 @@ Optional columns (absent or null = unknown)
     ``priority`` (int64, lower = more important, as in vLLM), ``slo_class`` (str), ``model`` (str),
     ``hash_ids`` (list<int64>: the prompt's prefix identity as a chain of source-block ids of
     ``Workload.hash_block_size`` tokens each; equal leading ids = equal leading tokens),
-    ``token_ids`` (list<int64>: the full prompt token ids, when the trace has them).
+    ``token_ids`` (list<int64>: the full prompt token ids, when the trace has them),
+    ``parent_request_id`` (str) and ``think_time_s`` (float64): for multi-turn sessions, the
+    request whose *completion* this one follows and the user's think time after it. The engine
+    replays arrivals open-loop today; these two columns are what a closed-loop replay needs
+    (release this request ``think_time_s`` after its parent finishes). A parent missing from
+    the table (cut by a window) means "replay open-loop".
 
 The engine never sees source-block ids directly: :func:`engine_block_hashes` turns either form of
 prefix identity into vLLM-style chained hashes over ``block_size``-token engine blocks (16 by
@@ -44,9 +49,12 @@ OPTIONAL_COLUMNS = (
     "model",
     "hash_ids",
     "token_ids",
+    "parent_request_id",
+    "think_time_s",
 )
-STRING_COLUMNS = ("request_id", "session_id", "tenant", "slo_class", "model")
+STRING_COLUMNS = ("request_id", "session_id", "tenant", "slo_class", "model", "parent_request_id")
 NULLABLE_INT_COLUMNS = ("turn", "priority")
+FLOAT_COLUMNS = ("think_time_s",)
 LIST_COLUMNS = ("hash_ids", "token_ids")
 LIST_DTYPE = pd.ArrowDtype(pa.list_(pa.int64()))
 
@@ -255,12 +263,14 @@ def normalize_frame(df: pd.DataFrame) -> pd.DataFrame:
             out[c] = out[c].where(col.notna(), np.nan)
         elif c in NULLABLE_INT_COLUMNS:
             out[c] = col.astype("Int64")
+        elif c in FLOAT_COLUMNS:
+            out[c] = col.astype("float64")
         else:
             out[c] = col if col.dtype == LIST_DTYPE else _to_list_series(col)
     for c in df.columns:
         if c not in out:
             out[c] = df[c]
-    return pd.DataFrame(out).reset_index(drop=True)
+    return pd.DataFrame(out, copy=False).reset_index(drop=True)
 
 
 def _to_list_series(col: pd.Series) -> pd.Series:

@@ -13,7 +13,15 @@ import numpy as np
 import pandas as pd
 
 from sim.errors import ConfigError
-from traces.prefix_ids import densify_ids, max_id, offset_ids, reblock, session_prefix_ids
+from traces.prefix_ids import (
+    densify_ids,
+    link_sessions,
+    max_id,
+    offset_ids,
+    reblock,
+    session_prefix_ids,
+    token_ids_to_hash_ids,
+)
 from traces.schema import LIST_COLUMNS, Workload, csr_to_list_array, list_column_csr, normalize_frame
 
 
@@ -89,6 +97,11 @@ def cap_to_context(w: Workload, max_model_len: int) -> Workload:
                 unit = 1 if c == "token_ids" else (w.hash_block_size or 1)
                 df[c] = _truncate_lists(df[c], -(-p2 // unit))
     return _with(w, df, f"cap_to_context {max_model_len}: capped {n_p:,} prompt(s) and {n_o:,} output(s) of {len(w):,} requests")
+
+
+def _fill_empty_lists(col: pd.Series) -> pd.Series:
+    off, val, present = list_column_csr(col)
+    return pd.Series(csr_to_list_array(off, val), index=col.index)
 
 
 def _truncate_lists(col: pd.Series, max_len: np.ndarray) -> pd.Series:
@@ -168,7 +181,15 @@ def retime(w: Workload, spec, seed, base_dir: Path | None = None) -> Workload:
     t[order] = t_sorted
     out = df.copy()
     out["arrival_s"] = t
+    if follow.any():
+        th = np.full(n, np.nan)
+        th_sorted = np.full(n, np.nan)
+        th_sorted[follow] = think
+        th[order] = th_sorted
+        out["think_time_s"] = th
     out = out.sort_values("arrival_s", kind="stable")
+    if w.has("session_id"):
+        out = link_sessions(out)
     out["arrival_s"] = out["arrival_s"] - out["arrival_s"].iloc[0]
     what = "session starts" if w.has("session_id") else "requests"
     return _with(w, out, f"re-timed: {spec.arrival} arrivals at {spec.rate_per_s:g}/s for {what}")
@@ -180,10 +201,13 @@ def merge(parts: list[tuple[Workload, str | None]]) -> Workload:
     Each part keeps its own time axis (all start at 0). ``tenant`` labels a part's requests
     (else its own tenant column, else its name). Session and request ids are prefixed by the
     tenant to stay distinct; ``hash_ids`` id spaces are made disjoint and brought to one block
-    size (the gcd: a 512-token block is 32 exact 16-token blocks).
+    size (the gcd: a 512-token block is 32 exact 16-token blocks); ``token_ids`` become 16-token
+    ``hash_ids``; parts without prefix identity get empty id lists (nothing shared).
     """
     if not parts:
         raise ConfigError("workload.merge: needs at least one workload")
+    # one kind of prefix identity: token ids become 16-token hash_ids (exact at that granularity)
+    parts = [(token_ids_to_hash_ids(w) if w.has("token_ids") and not w.has("hash_ids") else w, t) for w, t in parts]
     sizes = [w.hash_block_size for w, _ in parts if w.has("hash_ids") and w.hash_block_size]
     bs = int(np.gcd.reduce(sizes)) if sizes else None
     frames = []
@@ -206,5 +230,8 @@ def merge(parts: list[tuple[Workload, str | None]]) -> Workload:
         frames.append(df)
         notes.append(f"merged {label}: {len(df):,} requests ({'; '.join(w.notes) if w.notes else w.source})")
     df = pd.concat(frames, ignore_index=True, sort=False)
+    if bs is not None:
+        # parts without prefix identity share nothing: an empty id list says so without NA
+        df["hash_ids"] = _fill_empty_lists(df["hash_ids"])
     df = df.sort_values("arrival_s", kind="stable")
     return Workload(normalize_frame(df.reset_index(drop=True)), name="merged", hash_block_size=bs, source="merge", notes=notes)

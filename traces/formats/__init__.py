@@ -14,7 +14,7 @@ from sim.errors import ConfigError
 from traces.formats import azure, bailian, burstgpt, lmbench, mooncake, native, tokenids, vllm_bench
 from traces.formats.common import Loader
 from traces.issues import IssueLog, trace_error
-from traces.readers import head_text, is_gzip
+from traces.readers import head_text
 from traces.schema import Workload
 
 LOADERS: dict[str, Loader] = {
@@ -129,4 +129,4 @@ def load_file(path: str | Path, fmt: str = "auto", *, skip_invalid: bool = False
     return LOADERS[f](path, log, dict(options or {}))
 
 
-__all__ = ["LOADERS", "FORMAT_NAMES", "detect", "load_file", "canonical_format", "is_gzip"]
+__all__ = ["LOADERS", "FORMAT_NAMES", "detect", "load_file", "canonical_format"]

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from traces.formats.common import assemble, require_columns, take_options
-from traces.issues import IssueLog, RowValidator, check_int, check_monotonic
+from traces.issues import IssueLog, RowValidator, check_int, check_monotonic, blank_where
 from traces.readers import read_csv_raw
 from traces.schema import Workload
 
@@ -31,12 +31,12 @@ def load(path: Path, log: IssueLog, opts: dict) -> Workload:
     require_columns(path, raw, list(COLUMNS), "Azure")
     v = RowValidator(log, lines)
     ts = pd.to_datetime(raw["TIMESTAMP"], format="ISO8601", errors="coerce", utc=True)
-    blank = (raw["TIMESTAMP"].astype("str").str.strip() == "").to_numpy()
-    v.check(blank, "TIMESTAMP", "missing")
-    v.check(ts.isna().to_numpy(), "TIMESTAMP", "not a date-time", raw["TIMESTAMP"])
-    t_ns = ts.to_numpy(dtype="datetime64[ns]").astype("int64")
-    base = t_ns[~ts.isna().to_numpy()].min() if (~ts.isna()).any() else 0
-    t = np.where(ts.isna().to_numpy(), 0.0, (t_ns - base) / 1e9)
+    nat = ts.isna().to_numpy()
+    v.check(blank_where(raw["TIMESTAMP"], nat), "TIMESTAMP", "missing")
+    v.check(nat, "TIMESTAMP", "not a date-time", raw["TIMESTAMP"])
+    t_ns = ts.to_numpy(dtype="datetime64[ns]").view("int64")
+    base = t_ns[~nat].min() if (~nat).any() else 0
+    t = np.where(nat, 0.0, (t_ns - base) / 1e9)
     prompt = check_int(v, raw["ContextTokens"], "ContextTokens", minimum=1)
     output = check_int(v, raw["GeneratedTokens"], "GeneratedTokens", minimum=1)
     check_monotonic(v, t, "TIMESTAMP", raw["TIMESTAMP"])

@@ -67,6 +67,8 @@ def load(path: Path, log: IssueLog, opts: dict) -> Workload:
         "output_tokens": output,
         "request_id": pd.Series(chat).astype("str"),
         "session_id": pd.Series(chat[root]).astype("str"),
+        # the chat this one continues, when it is in the file (closed-loop replay)
+        "parent_request_id": pd.Series(parent).astype("str").where(has_parent, np.nan),
     }
     if turn is not None:
         cols["turn"] = turn

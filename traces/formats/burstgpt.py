@@ -15,7 +15,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from traces.formats.common import assemble, pick, require_columns, take_options
 from traces.issues import IssueLog, RowValidator, check_float, check_int, check_monotonic

@@ -95,7 +95,7 @@ def assemble(
     keep = v.finish()
     if drop is not None:
         keep = keep & ~np.asarray(drop, dtype=bool)
-    df = pd.DataFrame({k: (c.reset_index(drop=True) if isinstance(c, pd.Series) else c) for k, c in cols.items()})
+    df = pd.DataFrame({k: (c.reset_index(drop=True) if isinstance(c, pd.Series) else c) for k, c in cols.items()}, copy=False)
     if not keep.all():
         df = df[keep]
     if len(df) == 0:
@@ -111,7 +111,3 @@ def assemble(
         notes=[f"format: {fmt}", *(notes or []), *log.notes()],
     )
     return w
-
-
-def line_series(lines: np.ndarray) -> pd.Series:
-    return pd.Series(lines, dtype="int64")

@@ -27,7 +27,7 @@ import pandas as pd
 
 from traces.formats.common import assemble, require_columns, take_options
 from traces.issues import IssueLog, RowValidator, check_float, check_int
-from traces.prefix_ids import session_prefix_ids
+from traces.prefix_ids import link_sessions, session_prefix_ids
 from traces.readers import read_csv_raw
 from traces.schema import Workload, normalize_frame
 
@@ -62,13 +62,14 @@ def load(path: Path, log: IssueLog, opts: dict) -> Workload:
         v.check(back, "question_id", "question launched out of order within its user_id (order matters)", pd.Series(q))
         cols["session_id"] = pd.Series(user).astype("str")
         cols["turn"] = q
+        cols["request_id"] = "u" + pd.Series(user).astype("str") + "q" + pd.Series(q).astype("str")
     w = assemble(path, log, v, cols, fmt="lmbench", sort=True)
     if sessions:
         bs = int(o["block_size"])
         ids = session_prefix_ids(w.df, bs, head_tokens=int(o["system_prompt_tokens"]))
         ids.index = w.df.index
         w.df["hash_ids"] = ids
-        w.df = normalize_frame(w.df)
+        w.df = normalize_frame(link_sessions(w.df))
         w.hash_block_size = bs
         share = f", first {o['system_prompt_tokens']} tokens shared by all users" if o["system_prompt_tokens"] else ""
         w.notes.append(f"prefix identity reconstructed: each user's prompts are prefixes of one growing stream{share}")

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from sim.errors import TraceError
 from traces.formats.common import assemble, list_column, require_columns, take_options
-from traces.issues import IssueLog, RowValidator, check_float, check_int, check_monotonic, trace_error
+from traces.issues import IssueLog, RowValidator, blank_where, check_float, check_int, check_monotonic, to_number, trace_error
 from traces.readers import read_csv_raw, read_jsonl
 from traces.schema import LIST_COLUMNS, NULLABLE_INT_COLUMNS, OPTIONAL_COLUMNS, STRING_COLUMNS, Workload, normalize_frame
 
@@ -48,7 +48,7 @@ def load_parquet(path: Path, log: IssueLog, opts: dict) -> Workload:
             cols[name] = pd.Series(pd.arrays.ArrowExtensionArray(c))
         else:
             cols[name] = c.to_pandas()
-    raw = pd.DataFrame(cols)
+    raw = pd.DataFrame(cols, copy=False)
     lines = np.arange(1, len(raw) + 1, dtype=np.int64)
     return _from_columns(path, raw, lines, log, meta.get("hash_block_size"), meta, fmt="parquet")
 
@@ -123,10 +123,11 @@ def _from_columns(path, raw, lines, log, hbs, meta, *, fmt) -> Workload:
             if col.notna().any():
                 cols[c] = list_column(v, col, c, allow_missing=True)
         elif c in NULLABLE_INT_COLUMNS:
-            num = pd.to_numeric(col.astype("str").where(col.notna(), None) if col.dtype == object else col, errors="coerce")
-            blank = col.isna().to_numpy() | (col.astype("str").str.strip() == "").to_numpy()
+            num = to_number(col)
+            blank = blank_where(col, num.isna().to_numpy())
             v.check(~blank & num.isna().to_numpy(), c, "not an integer", col)
-            cols[c] = num.where(~pd.Series(blank)).astype("Float64").round().astype("Int64")
+            v.check((num.fillna(0) != num.fillna(0).round()).to_numpy(), c, "not an integer", col)
+            cols[c] = num.round().astype("Int64")
         elif c in STRING_COLUMNS:
             sc = col.astype("str")
             cols[c] = sc.where(col.notna() & (sc != ""), np.nan)

@@ -32,7 +32,7 @@ import pandas as pd
 from sim.errors import ConfigError
 from traces.formats.common import assemble, list_column, pick, take_options
 from traces.issues import IssueLog, RowValidator, check_float, check_int
-from traces.prefix_ids import session_prefix_ids
+from traces.prefix_ids import link_sessions, session_prefix_ids
 from traces.readers import head_text, read_json_records, read_jsonl, records_to_frame
 from traces.schema import Workload, normalize_frame
 
@@ -140,7 +140,8 @@ def load_sharegpt(path: Path, log: IssueLog, opts: dict) -> Workload:
         ids = session_prefix_ids(w.df, bs)
         ids.index = w.df.index
         w.df["hash_ids"] = ids
-        w.df = normalize_frame(w.df)
+        w.df["request_id"] = w.df["session_id"] + "/" + w.df["turn"].astype("str")
+        w.df = normalize_frame(link_sessions(w.df))
         w.hash_block_size = bs
     return w
 

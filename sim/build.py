@@ -151,5 +151,6 @@ def build_cluster_config(sc: Scenario, *, progress: bool = False) -> tuple[Clust
         cold_start=make_cold_start(cold, cold_where), initial_cold_start=sc.cluster.initial_cold_start, admission=admission,
         failures=FailureConfig(mtbf_s=f.mtbf_s, inject=inject, on_failure=f.on_failure,
                                max_retries=f.max_retries, replace=f.replace),
-        sample_interval_s=sc.metrics.sample_interval_s, slo=slo, seed=sc.seed, progress=progress)
+        sample_interval_s=sc.metrics.sample_interval_s, slo=slo, seed=sc.seed, progress=progress,
+        closed_loop=sc.workload.closed_loop)
     return cfg, dep

@@ -64,6 +64,7 @@ class ClusterConfig:
     slo: SLO | None = None
     seed: int = 0
     progress: bool = False
+    closed_loop: bool = False  # release a turn think_time_s after its parent turn finishes
     on_progress: Callable[[int, int, float], None] | None = None  # (ended, total, sim_time_s)
     horizon_after_last_arrival_s: float = 7 * 86400.0
     engine_fast_forward: bool = True  # exact fast-forward of decode runs (False: one event per step)
@@ -126,6 +127,10 @@ class Cluster:
         self.hash_ids = df["hash_ids"].to_numpy() if w.has("hash_ids") else None
         self._prompt_hashes = PromptBlockHashes(w, cfg.engine.block_size)
         self.request_ids = df["request_id"].to_numpy() if w.has("request_id") else None
+        self.children: dict[int, list[int]] | None = None
+        self.think = None
+        if cfg.closed_loop:
+            self._link_sessions(df)
         # Outcome columns, filled when each request ends.
         n = self.n
         self.o_status = np.zeros(n, dtype=np.int8)
@@ -160,6 +165,42 @@ class Cluster:
         self.incomplete = False
         # Requests still in the system this long after the last arrival are declared stuck.
         self._horizon = (float(self.arrival[-1]) if n else 0.0) + cfg.horizon_after_last_arrival_s
+
+    def _link_sessions(self, df: pd.DataFrame) -> None:
+        """Closed loop: a turn whose parent is in the table waits for the parent to finish."""
+        from sim.errors import ConfigError
+
+        if "parent_request_id" not in df.columns or "request_id" not in df.columns:
+            raise ConfigError("workload.closed_loop: the workload has no parent_request_id/request_id columns "
+                              "(use multi-turn sessions, e.g. synthetic sessions or a Bailian trace)")
+        self.arrival = self.arrival.copy()  # release times replace the table's estimates
+        index = {rid: k for k, rid in enumerate(df["request_id"].astype("string").tolist()) if rid is not pd.NA}
+        self.children = {}
+        self.has_parent = np.zeros(self.n, dtype=bool)
+        for k, par in enumerate(df["parent_request_id"].astype("string").tolist()):
+            if par is pd.NA or par is None:
+                continue
+            j = index.get(par)
+            if j is not None and j != k:
+                self.children.setdefault(j, []).append(k)
+                self.has_parent[k] = True
+        think = df["think_time_s"].to_numpy(dtype=float) if "think_time_s" in df.columns else np.zeros(self.n)
+        self.think = np.nan_to_num(think, nan=0.0)
+
+    def _release_child(self, k: int, delay: float):
+        if delay > 0:
+            yield self.env.timeout(delay)
+        self.arrival[k] = self.env.now
+        self._arrive(k)
+
+    def _on_session_turn_ended(self, i: int, completed: bool) -> None:
+        for k in self.children.get(i, ()):
+            if completed:
+                self.env.process(self._release_child(k, float(self.think[k])))
+            else:
+                # The user never sends the next turn of a conversation whose previous turn failed.
+                self.arrived += 1
+                self._end_index(k, REJECTED, "session_aborted")
 
     # -- replica management -------------------------------------------------------------------
     def _start_replica(self, cold: bool = True) -> Replica:
@@ -229,23 +270,28 @@ class Cluster:
     def _arrivals(self):
         env = self.env
         arrival = self.arrival
-        max_len = self.cfg.engine.max_model_len
+        gated = self.has_parent if self.children is not None else None
         for i in range(self.n):
+            if gated is not None and gated[i]:
+                continue  # released when its parent turn finishes
             t = arrival[i]
             if t > env.now:
                 yield env.timeout(t - env.now)
-            self.arrived += 1
-            if self.prompt[i] + self.output[i] > max_len:
-                # vLLM's API server refuses these with HTTP 400 before they reach the engine.
-                self._end_index(i, REJECTED, "exceeds_max_model_len")
-                continue
-            req = self._engine_request(i)
-            if self.cfg.admission is not None:
-                ok, reason = self.cfg.admission.admit(self._routing_request(req), env.now, self.cluster_view())
-                if not ok:
-                    self._end_unserved(req, REJECTED, reason)
-                    continue
-            self._dispatch(req)
+            self._arrive(i)
+
+    def _arrive(self, i: int) -> None:
+        self.arrived += 1
+        if self.prompt[i] + self.output[i] > self.cfg.engine.max_model_len:
+            # vLLM's API server refuses these with HTTP 400 before they reach the engine.
+            self._end_index(i, REJECTED, "exceeds_max_model_len")
+            return
+        req = self._engine_request(i)
+        if self.cfg.admission is not None:
+            ok, reason = self.cfg.admission.admit(self._routing_request(req), self.env.now, self.cluster_view())
+            if not ok:
+                self._end_unserved(req, REJECTED, reason)
+                return
+        self._dispatch(req)
 
     def _dispatch(self, req: EngineRequest) -> None:
         serving = [r for r in self.active if r.state == ReplicaState.SERVING]
@@ -327,6 +373,8 @@ class Cluster:
         if status != COMPLETED:
             self.o_finish[i] = self.env.now
         self.ended += 1
+        if self.children is not None and i in self.children:
+            self._on_session_turn_ended(i, status == COMPLETED)
         if self.ended % self._progress_every == 0:
             if self._progress is not None:
                 self._progress.update(self._progress_every)

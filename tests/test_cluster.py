@@ -179,3 +179,58 @@ def test_scale_out_cold_start_and_scale_in_drains():
     assert "draining" in states or len(set(ts[ts.time_s > 70].replica) - {-1}) == 1
     # Cost counts each replica from provisioning to stop.
     assert s["gpu_hours"] < 3 * (out.requests.finish_s.max() / 3600)
+
+
+def _session_scenario(closed_loop, rate=0.5):
+    return {"seed": 3, "workload": {"closed_loop": closed_loop, "synthetic": {
+        "arrival": "poisson", "rate_per_s": rate, "num_requests": 60, "prompt_tokens": 400, "output_tokens": 80,
+        "sessions": {"turns": 4, "think_time_s": {"dist": "fixed", "value": 2.0}, "user_tokens": 50}}},
+        "cluster": {"replicas": 1, "gpu": "L4", "engine": {"max_model_len": 8192}}}
+
+
+def test_closed_loop_sessions_release_next_turn_after_previous_finishes():
+    import sim
+
+    r = sim.run(_session_scenario(True))
+    req = r.requests
+    assert (req.status == "completed").all()
+    wl = r.scenario  # noqa: F841
+    from traces.config import build_workload
+
+    w = build_workload(r.scenario.workload, seed=r.scenario.seed)
+    parent = w.df["parent_request_id"].astype("string")
+    ids = w.df["request_id"].astype("string").tolist()
+    pos = {rid: k for k, rid in enumerate(ids)}
+    checked = 0
+    for k, par in enumerate(parent.tolist()):
+        if par is pd.NA:
+            continue
+        j = pos[par]
+        # Released exactly think time (2 s) after the parent's last token.
+        assert req.arrival_s.iloc[k] == pytest.approx(req.finish_s.iloc[j] + 2.0)
+        checked += 1
+    assert checked > 10
+
+
+def test_closed_loop_self_throttles_under_overload():
+    import sim
+
+    heavy = {"prompt_tokens": 3000, "output_tokens": 300, "num_requests": 120}
+    sc_open, sc_closed = _session_scenario(False, rate=5), _session_scenario(True, rate=5)
+    for sc in (sc_open, sc_closed):
+        sc["workload"]["synthetic"].update(heavy)
+    open_, closed = sim.run(sc_open), sim.run(sc_closed)
+    # Open-loop turns pile up on an overloaded replica; closed-loop users wait for answers.
+    assert closed.summary["ttft_p99_s"] < open_.summary["ttft_p99_s"]
+
+
+def test_closed_loop_aborts_rest_of_session_when_a_turn_fails():
+    import sim
+
+    sc = _session_scenario(True)
+    sc["cluster"]["engine"] = {"max_model_len": 560}  # later turns outgrow the context window
+    r = sim.run(sc)
+    req = r.requests
+    assert set(req.reason.dropna()) <= {"exceeds_max_model_len", "session_aborted"}
+    assert (req.reason == "session_aborted").sum() > 0
+    assert len(req) == 60 and req.status.isin(["completed", "rejected"]).all()

@@ -65,6 +65,9 @@ class WorkloadSpec(BaseModel):
     cap_to_context: Union[bool, int, None] = None
     max_requests: int | None = Field(None, gt=0)
     tenant: str | None = None
+    # Closed-loop sessions: a turn is sent think_time_s after its parent turn *finishes in the
+    # simulation* (instead of at the table's open-loop estimate). Applied by the cluster.
+    closed_loop: bool = False
 
     @model_validator(mode="after")
     def _one_source(self):

@@ -601,7 +601,7 @@ def capacity_view(sc_dict: dict | None, sc: Scenario | None, up_map: dict) -> No
     st.markdown("Find the **smallest fleet** that meets the SLOs at this load, or the **highest load** this "
                 "fleet sustains. Each step is one simulation; the search brackets the answer by doubling, "
                 "then bisects.")
-    c1, c2, c3 = st.columns([2, 2, 2])
+    c1, c2, c3, c4 = st.columns([2, 2.4, 1.6, 1.6])
     question = c1.radio("Question", ["Smallest fleet", "Highest load"], key="cap_q", horizontal=True)
     mode = c2.radio("A run meets the SLOs when", ["percentile", "attainment"], key="cap_mode", horizontal=True,
                     format_func=lambda m: "its latency percentile is within them" if m == "percentile"
@@ -612,8 +612,8 @@ def capacity_view(sc_dict: dict | None, sc: Scenario | None, up_map: dict) -> No
     else:
         pct = "p99"
         att = c3.slider("Minimum attainment", 0.5, 1.0, 0.99, 0.005, key="cap_att", format="%.3f")
-    limit = (st.number_input("Largest fleet to try", 1, 1024, 32, key="cap_max") if question == "Smallest fleet"
-             else st.number_input("Largest load multiple to try", 1.0, 1024.0, 32.0, key="cap_maxf"))
+    limit = (c4.number_input("Largest fleet to try", 1, 1024, 32, key="cap_max") if question == "Smallest fleet"
+             else c4.number_input("Largest load multiple", 1.0, 1024.0, 32.0, key="cap_maxf"))
     slo = sc.slo.model_dump(exclude_none=True) if sc is not None else {}
     st.caption("SLOs (from the sidebar): " + (", ".join(f"{k[:-2].upper()} ≤ {v:g} s" for k, v in slo.items()) or "none set"))
     if question == "Smallest fleet" and sc is not None and sc.autoscaler.policy != "none":

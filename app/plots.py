@@ -250,8 +250,11 @@ def capacity_curve(points: pd.DataFrame, x: str, y: str, *, limit: float | None 
                                hovertemplate=f"{x}=%{{x}}<br>{y}=%{{y:.3g}}<extra></extra>"))
     if limit:
         fig.add_hline(y=limit, line=dict(color="#B22222", dash="dash"), annotation_text="SLO")
-    fig.update_xaxes(title_text=x)
-    fig.update_yaxes(title_text=y, type="log")
+    names = {"cluster.replicas": "replicas", "workload.rate_scale": "load (x the workload's rate)"}
+    fig.update_xaxes(title_text=names.get(x, x), tickvals=pts[x].tolist(),
+                     type="log" if x == "workload.rate_scale" else "linear")
+    metric, _, pct = y.removesuffix("_s").rpartition("_")
+    fig.update_yaxes(title_text=f"{metric.upper()} {pct} (s)" if metric else y, type="log")
     _style(fig, 340, title, legend=False)
     fig.update_layout(hovermode="closest")
     return fig

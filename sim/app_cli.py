@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,13 +40,13 @@ def register(app: typer.Typer) -> None:
         except ImportError:
             typer.echo("error: the explorer needs Streamlit and Plotly: pip install 'streamlit>=1.67' 'plotly>=5.20'",
                        err=True)
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
         where = f"http://{host or 'localhost'}:{port}"
         typer.echo(f"fleetsim explorer on {where} (Ctrl+C to stop)", err=True)
-        proc = subprocess.Popen(streamlit_command(port, host, open_browser))
-        try:
-            code = proc.wait()
-        except KeyboardInterrupt:
-            proc.terminate()
-            code = proc.wait()
-        raise typer.Exit(code if code > 0 else 0)
+        cmd = streamlit_command(port, host, open_browser)
+        sys.stderr.flush()
+        if os.name == "posix":
+            # Become the Streamlit server: signals (Ctrl+C, a supervisor's SIGTERM) reach it directly
+            # and no orphaned server can outlive this command.
+            os.execv(cmd[0], cmd)
+        raise typer.Exit(subprocess.call(cmd))

@@ -253,9 +253,10 @@ class Cluster:
 
     # -- arrivals, admission, routing ----------------------------------------------------------
     def _engine_request(self, i: int) -> EngineRequest:
-        hashes = self._prompt_hashes(i)  # engine_block_hashes of row i, precomputed vectorised
+        hashes, shared = self._prompt_hashes(i)  # engine_block_hashes of row i, precomputed vectorised
         pr = int(self.priority[i]) if self.priority is not None else 0
-        return EngineRequest(i, float(self.arrival[i]), int(self.prompt[i]), int(self.output[i]), hashes, pr)
+        return EngineRequest(i, float(self.arrival[i]), int(self.prompt[i]), int(self.output[i]), hashes, pr,
+                             num_shared_blocks=shared)
 
     def _routing_request(self, req: EngineRequest) -> RoutingRequest:
         i = req.idx

@@ -30,6 +30,7 @@ Deviations from vLLM are listed in docs/architecture.md.
 from __future__ import annotations
 
 import heapq
+import math
 from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass
@@ -49,13 +50,13 @@ class EngineRequest:
     __slots__ = (
         "idx", "arrival_s", "prompt_tokens", "max_output_tokens", "priority",
         "num_tokens", "num_computed_tokens", "num_output_tokens", "status",
-        "blocks", "block_hashes", "num_cached_blocks", "hash_key",
+        "blocks", "block_hashes", "num_shared_blocks", "num_cached_blocks", "hash_key",
         "enqueue_s", "first_scheduled_s", "first_token_s", "last_token_s", "finish_s",
         "num_preemptions", "cached_tokens", "seq",
     )
 
     def __init__(self, idx: int, arrival_s: float, prompt_tokens: int, max_output_tokens: int,
-                 block_hashes: Sequence[int] = (), priority: int = 0):
+                 block_hashes: Sequence[int] = (), priority: int = 0, num_shared_blocks: int | None = None):
         self.idx = idx
         self.arrival_s = arrival_s
         self.prompt_tokens = prompt_tokens
@@ -67,6 +68,9 @@ class EngineRequest:
         self.status = WAITING
         self.blocks: list[int] = []
         self.block_hashes = list(block_hashes)
+        # Leading blocks whose content other requests may share (the rest is unique to this one:
+        # see sim.kv_cache.BlockPool.mark_unique). Unknown = all precomputed hashes.
+        self.num_shared_blocks = len(self.block_hashes) if num_shared_blocks is None else num_shared_blocks
         self.num_cached_blocks = 0
         # Hashes of blocks past the precomputed prompt ones are ``hash_key - i``: negative, so they
         # never equal a prompt hash (64-bit unsigned), and unique per (request, block index).
@@ -154,9 +158,9 @@ class DecodeRun:
     """
 
     __slots__ = ("reqs", "B", "k", "ends", "dts", "c0", "L", "nc", "done", "pool_done",
-                 "ends_list", "allocs", "dc0", "times")
+                 "ends_list", "allocs", "dc0", "times", "dmin", "dmax")
 
-    FIRST_CHUNK = 64  # step durations are computed in chunks growing x4: most runs are cut short
+    FIRST_CHUNK = 32  # step durations are computed in chunks growing x4: most runs are cut short
 
     def __init__(self, reqs, c0, L, nc, k, allocs, times):
         self.reqs: list[EngineRequest] = reqs
@@ -169,6 +173,7 @@ class DecodeRun:
         self.dc0 = sum(c0) + self.B  # decode_context of step 1
         self.times = times  # (num_seqs, context_sum_start, n) -> step durations
         self.dts = np.empty(0)
+        self.dmin = self.dmax = 0.0  # bounds of the computed step durations
         self.ends = np.empty(0)  # end times of the steps computed so far
         self.ends_list: list[float] | None = None
         self.done = 0  # steps applied to the requests
@@ -191,11 +196,14 @@ class DecodeRun:
         acc[0] = t_start
         acc[1:] = dts
         np.cumsum(acc, out=acc)
+        lo, hi = float(np.minimum.reduce(dts)), float(np.maximum.reduce(dts))
         if n0:
             self.dts = np.concatenate((self.dts, dts))
             self.ends = np.concatenate((self.ends, acc[1:]))
+            self.dmin, self.dmax = min(self.dmin, lo), max(self.dmax, hi)
         else:
             self.dts, self.ends = dts, acc[1:]
+            self.dmin, self.dmax = lo, hi
         self.ends_list = None
         return float(acc[n])
 
@@ -217,14 +225,16 @@ class Engine:
     Args:
         cfg: scheduler and cache knobs.
         on_itl: ``callback(itl_seconds, count)`` feeding the inter-token-latency histogram.
-        on_itl_many: optional ``callback(itl_array, count)``: the same for many values at once
-            (used by fast-forwarded runs; defaults to calling ``on_itl`` per value).
+        on_itl_many: optional ``callback(values, count, n, lo, hi, total)``: the same for ``n``
+            values at once (fast-forwarded runs), each counted ``count`` times; ``values()`` computes
+            them, ``lo <= every value <= hi`` and ``total`` is their sum (to round-off), so a
+            histogram can often add them without computing them. Default: ``on_itl`` per value.
         clock: ``() -> now``; needed only for fast-forward runs, so that observations made while a
             run is in flight see the exact state at that time.
     """
 
     def __init__(self, cfg: EngineConfig, on_itl: Callable[[float, int], None] | None = None,
-                 on_itl_many: Callable[[np.ndarray, int], None] | None = None,
+                 on_itl_many: Callable[..., None] | None = None,
                  clock: Callable[[], float] | None = None):
         self.cfg = cfg
         self.kv = KVCacheManager(cfg.num_gpu_blocks, cfg.block_size, cfg.enable_prefix_caching, cfg.watermark)
@@ -421,7 +431,7 @@ class Engine:
 
     def _preempt(self, req: EngineRequest) -> None:
         """Preemption by recompute: drop all KV, restart from zero, front of the queue."""
-        self.kv.free(req)
+        self.kv.free(req, preempted=True)
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         req.status = WAITING
@@ -667,14 +677,11 @@ class Engine:
             return
         # Registrations of blocks that become full (hashes of distinct new content, so their order
         # relative to the evictions above does not matter).
-        pool = kv.pool
         for r, cr, ncr in zip(run.reqs, run.c0, run.nc):
             a = max(ncr, (cr + p) // bs) if p else ncr
             b = max(ncr, (cr + j) // bs)
             if b > a:
-                if b > len(r.block_hashes):
-                    r.extend_block_hashes(b)
-                pool.cache_blocks(r.blocks[a:b], r.block_hashes[a:b])
+                kv.register_blocks(r, a, b)
                 r.num_cached_blocks = b
 
     def _apply_run_steps(self, run: DecodeRun, q: int, s: int) -> None:
@@ -683,13 +690,13 @@ class Engine:
         ends = run.ends
         t_last = float(ends[s - 1])
         on_itl = self._on_itl
-        if q == 0:
-            # Step 1: each request's gap since its own last token (as update() computes it).
-            t1 = float(ends[0])
-            itl_count = 0
-            itl_value = 0.0
-            for r in run.reqs:
-                if on_itl is not None:
+        if on_itl is not None:
+            if q == 0:
+                # Step 1: each request's gap since its own last token (as update() computes it).
+                t1 = float(ends[0])
+                itl_count = 0
+                itl_value = 0.0
+                for r in run.reqs:
                     gap = t1 - r.last_token_s
                     if gap == itl_value:
                         itl_count += 1
@@ -697,16 +704,21 @@ class Engine:
                         if itl_count:
                             on_itl(itl_value, itl_count)
                         itl_value, itl_count = gap, 1
-            if itl_count:
-                on_itl(itl_value, itl_count)
-        if on_itl is not None:
+                if itl_count:
+                    on_itl(itl_value, itl_count)
             lo = max(q, 1)
             if s > lo:
-                gaps = ends[lo:s] - ends[lo - 1:s - 1]
+                # Steps lo+1..s: every request's gap is the step's end minus the previous end.
+                def gaps() -> np.ndarray:
+                    return ends[lo:s] - ends[lo - 1:s - 1]
+
                 if self._on_itl_many is not None:
-                    self._on_itl_many(gaps, run.B)
+                    # A gap differs from its step duration by at most an ulp of the end time.
+                    eps = 4.0 * math.ulp(float(ends[s - 1]))
+                    self._on_itl_many(gaps, run.B, s - lo, run.dmin - eps, run.dmax + eps,
+                                      float(ends[s - 1]) - float(ends[lo - 1]))
                 else:
-                    for g in gaps.tolist():
+                    for g in gaps().tolist():
                         on_itl(g, run.B)
         for r in run.reqs:
             r.num_computed_tokens += d

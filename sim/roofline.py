@@ -229,18 +229,18 @@ class RooflineStepTime:
         if self.model.is_moe:
             w += self.model.num_layers * self.experts_touched(tokens) * self._expert_bytes
         t += math.hypot(gemm_c, w / self._mem_bytes_s)
-        dc = (np.arange(k, dtype=np.int64) * num_seqs + context_sum_start).astype(np.float64)
-        pa = 0.0
-        a = self._attn_flops_per_pair * (pa + dc) / self._attn_flops_s
-        m = self._kv_bytes_per_token * (dc + pa / Q_TILE) / self._mem_bytes_s
-        hyp = math.hypot
-        out = t + np.array([hyp(x, y) for x, y in zip(a.tolist(), m.tolist())])
+        # prefill_attn is 0.0 here, so (pa + dc) and (dc + pa / Q_TILE) are exactly dc.
+        dc = np.arange(context_sum_start, context_sum_start + k * num_seqs, num_seqs, dtype=np.float64)[:k]
+        a = self._attn_flops_per_pair * dc / self._attn_flops_s
+        m = self._kv_bytes_per_token * dc / self._mem_bytes_s
+        out = np.fromiter(map(math.hypot, a.tolist(), m.tolist()), np.float64, k)
+        out += t
         tp = self.tensor_parallel
         if tp > 1:
-            out = out + 2 * self.model.num_layers * (
+            out += 2 * self.model.num_layers * (
                 self.comm_latency_s
                 + 2.0 * (tp - 1) / tp * tokens * self._allreduce_bytes_per_token / self._link_bytes_s)
-        return np.where(out > 0, out, 1e-6)
+        return out if t > 0 else np.where(out > 0, out, 1e-6)
 
     def __repr__(self) -> str:
         return (f"RooflineStepTime({self.model.name} on {self.gpu.name}, tp={self.tensor_parallel}, "

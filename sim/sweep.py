@@ -195,7 +195,7 @@ def expand(source: str | Path | dict[str, Any] | GridSpec, root: Path | None = N
     seeds: list[int | None] = list(spec.seeds) if spec.seeds is not None else [None]
     points = []
     for case, combo, seed in itertools.product(cases, combos, seeds):
-        params = {**case, **dict(zip(keys, combo))}
+        params = {**case, **dict(zip(keys, combo, strict=True))}
         if seed is not None:
             params["seed"] = seed
         data = copy.deepcopy(base)
@@ -394,6 +394,7 @@ def _run_on_ray(points: list[Point], todo: list[int], address: str | None, max_p
                 save_runs: bool, finish: Callable[[int, dict, bool], None]) -> None:
     import ray
 
+    address = address or os.environ.get("RAY_ADDRESS") or None  # Ray's own convention
     local_cpus = max(1, min(max_parallel or os.cpu_count() or 1, os.cpu_count() or 1))
     started = _start_ray(address, local_cpus)
     try:

@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
                               save_runs=save_runs, progress=progress and sys.stderr.isatty())
         except FleetsimError as e:
             typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
         n = len(table)
         failed = int((table["status"] == "failed").sum()) if n else 0
         cached = int(table["cached"].sum()) if n else 0

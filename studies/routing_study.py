@@ -183,6 +183,22 @@ def build_cases(quick: bool, workloads: Sequence[WorkloadCase] = WORKLOADS) -> l
     return cases
 
 
+def routing_columns(res: Any) -> dict[str, Any]:
+    """Per-run columns from the request table: how many replicas got requests, the busiest one's
+    share (herding shows here before it shows in latency), and the cost per 1000 requests that met
+    the SLO (a fixed fleet's cost is set by the run's duration, so this is the fairer number)."""
+    req = res.requests
+    routed = req[req["replica"] >= 0]
+    counts = routed["replica"].value_counts()
+    s = res.summary
+    good = s.get("slo_attainment", float("nan")) * s["requests_total"]
+    return {
+        "replicas_used": int((counts > 0).sum()),
+        "max_replica_share": float(counts.max() / len(routed)) if len(routed) else float("nan"),
+        "usd_per_1k_good": float(s["cost_usd"] / good * 1000) if good and good == good else float("nan"),
+    }
+
+
 TABLE_COLUMNS = [
     ("load", "load", "g"),
     ("router", "router", ""),
@@ -191,8 +207,11 @@ TABLE_COLUMNS = [
     ("e2e_p99_s", "E2E p99 (s)", ".1f"),
     ("prefix_hit_rate", "prefix hit", ".3f"),
     ("load_imbalance", "imbalance", ".2f"),
+    ("replicas_used", "replicas used", ".0f"),
+    ("max_replica_share", "busiest share", ".2f"),
     ("cost_usd", "cost ($)", ".2f"),
     ("slo_attainment", "SLO att.", ".3f"),
+    ("usd_per_1k_good", "$/1k good", ".2f"),
 ]
 
 
@@ -208,7 +227,8 @@ def report(df: pd.DataFrame, workloads: Sequence[WorkloadCase] = WORKLOADS) -> s
         slo = ", ".join(f"{k.removesuffix('_s')} <= {v:g} s" for k, v in wl.slo.items())
         n = int(sub["requests_total"].iloc[0])
         parts.append(f"### {wl.title}\n\n{wl.why}\n\n{n} requests per run; SLO: {slo}; load = workload.rate_scale; "
-                     "imbalance = max/mean replica busy time.\n\n" + markdown_table(sub, TABLE_COLUMNS))
+                     "imbalance = max/mean replica busy time; busiest share = the busiest replica's share of requests; "
+                     "$/1k good = cost per 1000 requests that met the SLO.\n\n" + markdown_table(sub, TABLE_COLUMNS))
     return "\n\n".join(parts) + "\n"
 
 
@@ -248,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     args = parse_args("routing_study", "Every router on shared-prefix and multi-turn workloads at two loads.", argv)
     args.out.mkdir(parents=True, exist_ok=True)
     cases = build_cases(args.quick)
-    df = rows_frame(run_cases(cases, jobs=args.jobs))
+    df = rows_frame(run_cases(cases, jobs=args.jobs, post=routing_columns))
     df.to_csv(args.out / "routing.csv", index=False)
     text = report(df)
     write_text(args.out / "routing.md", text)

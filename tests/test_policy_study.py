@@ -89,9 +89,11 @@ def test_sticky_routing_imbalances_load_on_skewed_sessions(tmp_path):
     assert sizes[hot] / sizes.sum() > 0.35  # the premise: one session carries over a third of the work
     sticky = _run({"trace": str(path)}, {"policy": "sticky"})
     rr = _run({"trace": str(path)}, {"policy": "round-robin"})
-    # The hot session never has two requests in flight, so bounded loads never move it.
-    req = sticky.requests
-    assert req.loc[req["session_id"] == hot, "replica"].nunique() == 1
+    # The hot session has one request in flight at a time, so bounded loads rarely move it: only
+    # turns arriving while its home replica serves another session at a low total load spill
+    # (with m <= 3 in flight on 4 replicas, C = ceil(1.25 m / 4) = 1).
+    homes = sticky.requests.loc[sticky.requests["session_id"] == hot, "replica"].value_counts()
+    assert homes.iloc[0] >= 0.9 * sizes[hot]
     assert rr.summary["load_imbalance"] < 1.1
     assert sticky.summary["load_imbalance"] > 1.4
     assert sticky.summary["load_imbalance"] > rr.summary["load_imbalance"] + 0.3
@@ -106,9 +108,11 @@ BUSY = {"synthetic": {"arrival": "poisson", "rate_per_s": 30, "num_requests": 40
                       "output_tokens": {"dist": "lognormal", "mean": 150, "cv": 1.0, "max": 1000}}}
 
 
+# Power of two choices degrades gracefully: a stale gauge only misorders the two sampled replicas, it
+# cannot send a whole scrape period to one replica (Mitzenmacher, "How useful is old information?").
 @pytest.mark.parametrize("router,min_ratio", [
     ({"policy": "least-kv"}, 3.0),
-    ({"policy": "power-of-two", "load": "waiting"}, 1.5),
+    ({"policy": "power-of-two", "load": "waiting"}, 1.25),
     ({"policy": "hybrid", "style": "llm-d"}, 3.0),
 ], ids=["least-kv", "power-of-two-waiting", "hybrid-llm-d"])
 def test_staleness_hurts_routers_that_read_scraped_gauges(router, min_ratio):
@@ -116,7 +120,7 @@ def test_staleness_hurts_routers_that_read_scraped_gauges(router, min_ratio):
     stale = _run(BUSY, {**router, "staleness_s": 5}).summary
     assert stale["requests_completed"] == fresh["requests_completed"] == 400
     assert stale["ttft_p99_s"] >= min_ratio * fresh["ttft_p99_s"]
-    assert stale["ttft_mean_s"] > 1.3 * fresh["ttft_mean_s"]
+    assert stale["ttft_mean_s"] >= min(min_ratio, 1.5) * fresh["ttft_mean_s"]
 
 
 def test_staleness_cannot_touch_least_requests_whose_counts_are_exact():
@@ -143,7 +147,9 @@ def test_tiny_grid_runs_through_tables_and_plots(tmp_path):
         key="tiny", title="tiny", why="plumbing", workload=tiny, quick_workload=tiny,
         cluster={"replicas": 2, **MODEL, "engine": SMALL_CACHE}, loads=(1.0,), sticky={"key": "session"},
         routers=("round-robin", "prefix-aware precise"))
-    df = rows_frame(run_cases(routing_study.build_cases(False, [wl]), log=lambda m: None))
+    df = rows_frame(run_cases(routing_study.build_cases(False, [wl]), post=routing_study.routing_columns,
+                              log=lambda m: None))
+    assert set(df["replicas_used"]) <= {1, 2} and (df["usd_per_1k_good"] > 0).all()
     assert list(df["router"]) == ["round-robin", "prefix-aware precise"]
     text = routing_study.report(df, [wl])
     assert text.count("\n| 1 |") == 2 and "prefix hit" in text

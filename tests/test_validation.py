@@ -67,7 +67,7 @@ def test_parse_startup_log():
 
 
 def test_engine_command_is_explicit(tmp_path):
-    spec = EngineSpec(enable_prefix_caching=False, num_gpu_blocks_override=512, engine_cpus=None)
+    spec = EngineSpec(enable_prefix_caching=False, num_gpu_blocks_override=512, engine_cpus=None, nice=None)
     cmd = build_command(spec, tmp_path / "python", tmp_path / "m", 8001)
     joined = " ".join(cmd)
     for flag in ("--load-format dummy", "--skip-tokenizer-init", "--enable-logging-iteration-details",
@@ -79,6 +79,18 @@ def test_engine_command_is_explicit(tmp_path):
     assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
             cfg["intermediate_size"], cfg["vocab_size"]) == (4, 512, 8, 4, 1024, 32000)
     assert cfg["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_engine_priority_and_pinning_wrap_the_command(tmp_path, monkeypatch):
+    import validation.engine as eng
+
+    monkeypatch.setattr(eng.os, "geteuid", lambda: 0)
+    cmd = build_command(EngineSpec(nice=-7, engine_cpus="0"), tmp_path / "python", tmp_path / "m", 8001)
+    assert cmd[:3] == [cmd[0], "-c", "0"] and cmd[0].endswith("taskset")
+    assert cmd[3].endswith("nice") and cmd[4:6] == ["-n", "-7"]
+    monkeypatch.setattr(eng.os, "geteuid", lambda: 1000)  # not root: a negative nice cannot apply
+    assert eng.effective_nice(EngineSpec(nice=-7)) is None
+    assert eng.effective_nice(EngineSpec(nice=5)) == 5
 
 
 def test_vllm_absent_gives_install_message(tmp_path, monkeypatch):
@@ -167,8 +179,22 @@ TRUE = np.array([4e-3, 6e-5, 2e-9, 2e-4, 1.5e-7, 5e-5])
 
 def test_nnls_recovers_known_coefficients_without_noise():
     df = _synthetic_steps(400, TRUE, 0.0, np.random.default_rng(1))
-    c = nnls_fit(feature_matrix(df), df["elapsed_s"].to_numpy())
-    np.testing.assert_allclose(c, TRUE, rtol=1e-6, atol=1e-12)
+    for weights in ("predicted", "measured"):
+        c = nnls_fit(feature_matrix(df), df["elapsed_s"].to_numpy(), weights=weights)
+        np.testing.assert_allclose(c, TRUE, rtol=1e-6, atol=1e-12)
+
+
+def test_predicted_weights_stay_unbiased_under_long_tailed_noise():
+    """Contention noise is multiplicative with a long right tail (mean 1 here): dividing rows by
+    the measured time under-weights slow steps and biases the fit low; prediction weights do not."""
+    rng = np.random.default_rng(7)
+    df = _synthetic_steps(4000, TRUE, 0.0, rng)
+    X, true = feature_matrix(df), df["elapsed_s"].to_numpy()
+    sigma = 0.5
+    y = true * rng.lognormal(-sigma**2 / 2, sigma, len(true))
+    bias = {w: y.sum() / (X @ nnls_fit(X, y, weights=w)).sum() - 1 for w in ("predicted", "measured")}
+    assert abs(bias["predicted"]) < 0.03
+    assert bias["measured"] > 0.15  # the textbook weighting lands well below the mean
 
 
 def test_fit_recovers_coefficients_with_noise_and_reports_heldout_mape():
@@ -245,6 +271,8 @@ def test_requests_without_prefix_info_share_nothing_and_token_traces_are_used():
     reqs = build_requests(tok, block_size=32, vocab_size=1000)
     assert reqs[0].prompt_ids == [3 + 5 % 997, 3 + 128000 % 997, 3 + 7 % 997, 3 + 8 % 997]
     assert reqs[0].output_tokens == 2 and reqs[0].request_id == "r0"
+    salted = build_requests(tok, block_size=32, vocab_size=1000, seed=5)[0].prompt_ids
+    assert salted != reqs[0].prompt_ids and len(set(salted)) == len(set(reqs[0].prompt_ids))
     with pytest.raises(ValueError, match="row 0"):
         build_requests(w, block_size=32, vocab_size=1000, max_model_len=66)
 

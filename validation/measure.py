@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,21 @@ class Measurement:
         return d
 
 
+def load_measurement(directory: str | Path) -> Measurement:
+    """Read back a run written by :meth:`Measurement.save` (re-fit / re-compare without the engine)."""
+    from validation.replay import ReplayResult
+
+    d = Path(directory)
+    meta = json.loads((d / "run.json").read_text())
+    req = pd.read_parquet(d / "requests.parquet")
+    req["token_times"] = req["token_times"].map(list)
+    metrics = pd.read_csv(d / "metrics.csv") if (d / "metrics.csv").stat().st_size > 1 else pd.DataFrame()
+    rr = ReplayResult(req, metrics, meta["overhead"], meta["t0_wall"], meta["duration_s"])
+    info = EngineInfo(**meta["engine"])
+    return Measurement(d.name, info, rr, pd.read_csv(d / "steps.csv"), meta["steps_report"], meta["preemptions"],
+                       meta["engine_alive"])
+
+
 def vocab_size_of(model: str) -> int:
     from sim.catalog import load_catalog
 
@@ -62,7 +78,10 @@ def measure(server: VllmServer, workload: Workload, *, name: str, vocab_size: in
     runs can share one server.
     """
     info = server.info
-    reqs = build_requests(workload, block_size=info.block_size, vocab_size=vocab_size, seed=seed,
+    # A salt per run name: runs on one server must not hit each other's prefix cache (the
+    # simulator starts every run cold), so the same trace rows get different token ids per run.
+    run_seed = (seed * 1_000_003 + zlib.crc32(name.encode())) & 0xFFFFFFFF
+    reqs = build_requests(workload, block_size=info.block_size, vocab_size=vocab_size, seed=run_seed,
                           max_model_len=info.max_model_len)
     offset = len(server.log_text())
     result = replay(server.url, reqs, model=info.model, rate_scale=rate_scale, timeout_s=timeout_s,

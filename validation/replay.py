@@ -8,7 +8,9 @@ Two parts:
   one seeded draw of ``block_size`` ids per distinct chained hash. Two requests that share their
   first k engine blocks in the trace therefore send identical first ``k*block_size`` token ids, so
   vLLM's prefix cache sees exactly the reuse the simulator sees; every other block is unique.
-  Traces with real token ids send those (folded into the model's vocabulary).
+  Traces with real token ids send those (folded into the model's vocabulary, shifted by a
+  seed-derived salt). Different seeds give different ids with the same sharing structure, so
+  successive runs on one server do not hit each other's prefix cache.
 - :func:`replay` is an asyncio open-loop client: each request is sent at its arrival time whether
   or not earlier ones finished, as a streaming ``/v1/completions`` with ``ignore_eos``,
   ``max_tokens = min_tokens = output length``. It records, per request, the send time, the arrival
@@ -74,13 +76,14 @@ def prompt_token_ids(workload: Workload, *, block_size: int, vocab_size: int, se
     cache: dict[int, np.ndarray] = {}
     out: list[list[int]] = []
     span = vocab_size - _FIRST_ID
+    salt = int(np.random.default_rng(seed).integers(0, span)) if seed else 0
     for i in range(n):
         plen = int(prompt_lens[i])
         toks = token_col[i] if token_col is not None else None
         if not _missing(toks):
             arr = np.asarray(toks, dtype=np.int64)[:plen]
-            if len(arr) == plen:
-                out.append((_FIRST_ID + np.mod(arr, span)).tolist())
+            if len(arr) == plen:  # real ids folded into the vocabulary, shifted by a seed-derived salt
+                out.append((_FIRST_ID + np.mod(arr + salt, span)).tolist())
                 continue
         parts = []
         for h in hashes[i]:

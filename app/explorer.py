@@ -307,19 +307,19 @@ def sidebar() -> tuple[dict | None, Scenario | None, dict, str | None]:
 
 # ------------------------------------------------------------------------------------------- runs
 def run_scenario(sc: Scenario, label: str = "") -> tuple[object | None, BaseException | None]:
-    """Run with a live status line; returns (Result, None) or (None, error)."""
+    """Run with a live status line and progress bar; returns (Result, None) or (None, error)."""
     handle = BackgroundRun(sc, label=label)
-    with st.status(handle.status_text(), expanded=False) as status:
-        bar = st.progress(0.0) if handle.fraction is not None else None
-        while not handle.wait(0.3):
-            status.update(label=handle.status_text())
-            if handle.fraction is not None:
-                bar = bar or st.progress(0.0)
-                bar.progress(handle.fraction)
-        if handle.error is not None:
-            status.update(label=f"Failed after {handle.elapsed_s:.1f} s", state="error")
-            return None, handle.error
-        status.update(label=f"Simulated {label or sc.name} in {handle.elapsed_s:.1f} s", state="complete")
+    status = st.status(handle.status_text(), expanded=False)
+    slot = st.empty()  # the progress bar, once the core reports progress
+    while not handle.wait(0.3):
+        status.update(label=handle.status_text())
+        if handle.fraction is not None:
+            slot.progress(handle.fraction)
+    slot.empty()
+    if handle.error is not None:
+        status.update(label=f"Failed after {handle.elapsed_s:.1f} s", state="error")
+        return None, handle.error
+    status.update(label=f"Simulated {label or sc.name} in {handle.elapsed_s:.1f} s", state="complete")
     return handle.result, None
 
 

@@ -74,5 +74,8 @@ class BackgroundRun:
         return self._done.wait(timeout)
 
     def status_text(self) -> str:
-        pct = f"{self.fraction:.0%} of requests done, " if self.fraction is not None and not self.done else ""
+        pct = ""
+        if self.fraction is not None and not self.done:
+            at = f" at t={self.sim_time_s:,.0f} s simulated" if self.sim_time_s is not None else ""
+            pct = f"{self.fraction:.0%} of requests done{at} · "
         return f"Simulating{' ' + self.label if self.label else ''}… {pct}{self.elapsed_s:.0f} s"

@@ -160,7 +160,7 @@ class DecodeRun:
     __slots__ = ("reqs", "B", "k", "ends", "dts", "c0", "L", "nc", "done", "pool_done",
                  "ends_list", "allocs", "dc0", "times", "dmin", "dmax")
 
-    FIRST_CHUNK = 256  # step durations are computed in chunks growing x4: most runs are cut short
+    FIRST_CHUNK = 128  # step durations are computed in chunks growing x4: most runs are cut short
 
     def __init__(self, reqs, c0, L, nc, k, allocs, times):
         self.reqs: list[EngineRequest] = reqs

@@ -128,7 +128,7 @@ def markdown_table(df: pd.DataFrame, columns: Sequence[tuple[str, str, str]]) ->
 def parse_args(name: str, description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=f"python -m studies.{name}", description=description)
     p.add_argument("--quick", action="store_true", help="smaller workloads (a smoke run of the whole study)")
-    p.add_argument("--out", type=Path, default=Path("study-out") / name, help="output directory (CSV, PNG, markdown)")
+    p.add_argument("--out", type=Path, default=Path("out") / name, help="output directory (CSV, PNG, markdown)")
     p.add_argument("--jobs", type=int, default=1,
                    help="simulations in parallel (worker processes); results do not depend on it")
     a = p.parse_args(argv)

@@ -42,6 +42,10 @@ ROUTERS: list[tuple[str, dict[str, Any]]] = [
     ("sticky", {"policy": "sticky"}),
     ("prefix-aware approx", {"policy": "prefix-aware", "mode": "approximate"}),
     ("prefix-aware precise", {"policy": "prefix-aware", "mode": "precise"}),
+    # A what-if on the default: ignore matches under 10% of the prompt (Ray Serve's
+    # PrefixCacheAffinityRouter default match_rate_threshold), so a short shared system prompt alone
+    # does not pull every request to the replicas that already saw it (see docs/policy-study.md).
+    ("prefix-aware approx, min match 0.1", {"policy": "prefix-aware", "mode": "approximate", "min_match_ratio": 0.1}),
     ("hybrid seed", {"policy": "hybrid", "style": "seed"}),
     ("hybrid llm-d", {"policy": "hybrid", "style": "llm-d"}),
     ("hybrid sglang", {"policy": "hybrid", "style": "sglang"}),

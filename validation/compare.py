@@ -30,8 +30,8 @@ import pandas as pd
 
 from sim.errors import FleetsimError
 from traces.schema import Workload
-from validation.engine import EngineInfo, EngineSpec, VllmServer
-from validation.fit import FitResult, fit_step_time, mape, feature_matrix, usable_steps, write_profile
+from validation.engine import EngineError, EngineInfo, EngineSpec, VllmServer
+from validation.fit import feature_matrix, fit_step_time, mape, usable_steps, write_profile
 from validation.measure import Measurement, measure, vocab_size_of
 from validation.workloads import at_rate, burst, shrink, with_arrivals
 
@@ -287,7 +287,9 @@ def validate(plan: Plan, out_dir: str | Path, *, attach_url: str | None = None, 
             log(f"  {name}: {s['requests_ok']}/{s['requests_total']} ok in {m.replay.duration_s:.1f} s, "
                 f"{m.steps_report.get('steps_reconstructed', 0)}/{m.steps_report.get('steps', 0)} steps reconstructed")
             if not m.engine_alive:
-                raise RuntimeError(f"the engine died during run {name}; see {info.log_path}")
+                failed = int((m.replay.requests["status"] != "ok").sum())
+                raise EngineError(f"the engine died during run {name} ({failed} request(s) failed; per-request "
+                                  f"statuses in {out / 'runs' / name / 'requests.parquet'}); log {info.log_path}")
             return m
 
         run("warmup", burst(shrink(fit_w, max_requests=plan.warmup_requests)))

@@ -158,12 +158,13 @@ class DecodeRun:
     """
 
     __slots__ = ("reqs", "B", "k", "ends", "dts", "c0", "L", "nc", "done", "pool_done",
-                 "ends_list", "allocs", "dc0", "times", "dmin", "dmax")
+                 "ends_list", "allocs", "dc0", "times", "dmin", "dmax", "t0")
 
-    FIRST_CHUNK = 128  # step durations are computed in chunks growing x4: most runs are cut short
+    FIRST_CHUNK = 512  # step durations are computed in chunks growing x4: most runs are cut short
 
-    def __init__(self, reqs, c0, L, nc, k, allocs, times):
+    def __init__(self, reqs, c0, L, nc, k, allocs, times, t0):
         self.reqs: list[EngineRequest] = reqs
+        self.t0 = t0  # start of the first step
         self.B = len(reqs)
         self.c0: list[int] = c0  # computed tokens at the start
         self.L: list[int] = L  # blocks held at the start
@@ -195,7 +196,7 @@ class DecodeRun:
         acc = np.empty(n + 1)
         acc[0] = t_start
         acc[1:] = dts
-        np.cumsum(acc, out=acc)
+        acc.cumsum(out=acc)
         lo, hi = float(np.minimum.reduce(dts)), float(np.maximum.reduce(dts))
         if n0:
             self.dts = np.concatenate((self.dts, dts))
@@ -601,7 +602,7 @@ class Engine:
             def fn(num_seqs: int, dc: int, n: int) -> np.ndarray:
                 return np.array([st(BatchShape(decode_seqs=num_seqs, decode_context=dc + j * num_seqs))
                                  for j in range(n)])
-        run = DecodeRun(list(running), c0, L, nc, k, allocs, fn)
+        run = DecodeRun(list(running), c0, L, nc, k, allocs, fn, now)
         self._run = run
         self.kv.pending_sync = self.sync
         self.kv.pending_blocks = self._pending_blocks
@@ -727,15 +728,18 @@ class Engine:
             r.last_token_s = t_last
         self._steps += d
         self._tokens_generated += d * run.B
-        busy = self.busy_s
-        for dt in run.dts[q:s].tolist():
-            busy += dt
-        self.busy_s = busy
+        # GPU-busy time: the steps' durations, as the elapsed time of the run (equal to round-off).
+        self.busy_s += t_last - (float(ends[q - 1]) if q else run.t0)
 
 
 def _alloc_counter(first: list[int], bs: int) -> Callable[[int], int]:
     """``allocs(j)``: new blocks the run allocates in steps 1..j, given each request's first step."""
-    if len(first) > 32:
+    if len(first) == 1:
+        f0 = first[0]
+
+        def allocs(j: int) -> int:
+            return (j - f0) // bs + 1 if j >= f0 else 0
+    elif len(first) > 32:
         f = np.asarray(first, dtype=np.int64)
 
         def allocs(j: int) -> int:

@@ -553,7 +553,7 @@ class PromptBlockHashes:
                 self.vectorised = False
         self._start = -1
         self._offsets = None
-        self._values: list[int] = []
+        self._values = None
         # Leading blocks keyed by the trace's identity (as in engine_block_hashes: token ids win).
         n_full = self.prompt // block_size
         known = np.zeros(len(self.prompt), dtype=np.int64)
@@ -579,7 +579,7 @@ class PromptBlockHashes:
             self._compute(start)
         off = self._offsets
         j = i - start
-        return self._values[off[j]:off[j + 1]], self.num_shared[i]
+        return self._values[off[j]:off[j + 1]].tolist(), self.num_shared[i]
 
     def _compute(self, start: int) -> None:
         import numpy as np
@@ -599,7 +599,7 @@ class PromptBlockHashes:
             self.prompt[start:end], self.block_size, unique_keys=np.arange(start, end, dtype=np.int64), **kw)
         self._start = start
         self._offsets = offsets.tolist()
-        self._values = values.tolist()
+        self._values = values  # numpy: Python ints only for the requests that arrive
 
     def scalar(self, i: int) -> list[int]:
         """The reference: :meth:`traces.schema.Workload.block_hashes` for row ``i``."""

@@ -9,12 +9,14 @@ H100s the Azure code trace needs 1 to 3 replicas, too coarse a range to compare 
   swing between 0 and 632 and 10-second bursts reach 33 req/s (inter-arrival CV 13).
 - ``azure-code-new-node`` (full mode only): the same with the ``new-node`` cold start (a node is
   provisioned: 220-750 s) instead of ``warm`` (26-75 s).
-- ``servegen-diurnal`` (full mode only): the first day of ServeGen's m-large language curve,
-  compressed 48x into 30 minutes (~51k requests), with Azure conversation prompt/output lengths.
+- ``servegen-diurnal`` (full mode only): day 2 of ServeGen's m-small language curve (hourly rate
+  0.43x to 1.82x of the day's mean), compressed 48x into 30 minutes (~34k requests), with Azure
+  conversation prompt/output lengths.
 
 Policies, all between 1 and 16 replicas and starting from the fixed-mean size; the target-based
-ones aim at the workload's ``target`` requests in flight per replica (4 for the prefill-heavy code
-trace, 32 for the decode-heavy conversation lengths):
+ones aim at the workload's ``target`` requests in flight per replica, near what one replica of the
+smallest SLO-meeting fixed fleet carries (4 for the prefill-heavy code trace, 64 for the
+decode-heavy conversation lengths; the tables print the measured values):
 
 - ``hpa``: ``metric: concurrency`` (running + waiting) at the target; Kubernetes defaults otherwise.
 - ``kpa``: the target with ``target_utilization: 1.0`` (the same effective target); Knative
@@ -22,10 +24,9 @@ trace, 32 for the decode-heavy conversation lengths):
   ``scale_down_delay_s: 300``.
 - ``ray-serve``: ``target_ongoing_requests`` = the target; Ray's 30 s / 600 s delays.
 - ``saturation``: llm-d WVA defaults (KV 0.80 / queue 5, +1 per 60 s); it has no target.
-- ``fixed-mean`` and ``fixed-peak``, no autoscaler. A *sizing run* on an ample fixed fleet (16
-  replicas, reported as ``fixed-16``) gives fixed-mean = ceil(mean requests in the system /
-  target). fixed-peak is the smallest fixed fleet with SLO attainment >= 0.99, found by bisection
-  between the two.
+- ``fixed-peak``: the smallest fixed fleet with SLO attainment >= 0.99, found by bisection between
+  1 and an ample 16 replicas (the 16-replica run is reported as ``fixed-16``). ``fixed-mean``:
+  fixed-peak scaled by mean / peak arrivals per minute, rounded up. No autoscaler.
 
 Outputs in ``--out``: ``autoscaling.csv``, ``autoscaling.md`` (tables),
 ``autoscaling_series.csv`` (cluster time series of every run) and one
@@ -89,12 +90,12 @@ WORKLOADS: list[ScalingWorkload] = [
                     {"trace": "azure2023-code"}, "new-node", target=4, full_only=True, fixed_as="azure-code"),
     ScalingWorkload(
         "servegen-diurnal",
-        "ServeGen m-large day 1 compressed 48x into 30 min (Azure conversation lengths), warm cold start",
-        {"synthetic": {"arrival": "poisson", "rate_per_s": 20, "duration_s": 1800,
-                       "rate_curve": {"servegen": "m-large", "speedup": 48},
+        "ServeGen m-small day 2 compressed 48x into 30 min (Azure conversation lengths), warm cold start",
+        {"synthetic": {"arrival": "poisson", "rate_per_s": 24, "duration_s": 1800,
+                       "rate_curve": {"servegen": "m-small", "speedup": 48, "start_s": 86400},
                        "prompt_tokens": {"dist": "trace", "trace": "azure2023-conv"},
                        "output_tokens": {"dist": "trace", "trace": "azure2023-conv"}}},
-        "warm", target=32, full_only=True),
+        "warm", target=64, full_only=True),
 ]
 
 
@@ -118,9 +119,22 @@ def fixed_case(wl: ScalingWorkload, n: int, label: str | None = None) -> Case:
     return Case({"workload": wl.key, "policy": label}, _scenario(label, wl, n, None), keep_series=True)
 
 
-def mean_fleet(series: pd.DataFrame, target: float) -> int:
-    """fixed-mean size from a run's cluster series: ceil(mean requests in the system / ``target``)."""
-    return max(1, math.ceil(float(series["in_flight"].mean()) / target))
+def mean_fleet(n_peak: int, per_minute: pd.Series) -> int:
+    """fixed-mean size: the peak-sized fleet scaled by mean / peak arrivals per minute (rounded up)."""
+    return max(1, math.ceil(n_peak * float(per_minute.mean()) / float(per_minute.max())))
+
+
+def concurrency_columns(res: Any) -> dict[str, Any]:
+    """Requests in the system per serving-or-starting replica: the mean over the run and the
+    busiest minute (60-sample rolling mean). For the fixed-peak fleet this is the concurrency a
+    replica sustains within the SLO, which is what the autoscalers' target should be near."""
+    ts = res.timeseries
+    cl = ts[ts["replica"] == -1].sort_values("time_s")
+    replicas = cl["state"].str.removeprefix("replicas=").astype(float).clip(lower=1.0)
+    per = cl["in_flight"].astype(float).to_numpy() / replicas.to_numpy()
+    per = pd.Series(per)
+    return {"inflight_per_replica_mean": float(per.mean()),
+            "inflight_per_replica_peak_min": float(per.rolling(60, min_periods=1).mean().max())}
 
 
 def smallest_fleet(wl: ScalingWorkload, lo: int, hi: int, known: dict[int, float],
@@ -132,7 +146,7 @@ def smallest_fleet(wl: ScalingWorkload, lo: int, hi: int, known: dict[int, float
     """
     def attainment(n: int) -> float:
         if n not in known:
-            (r,) = run_cases([fixed_case(wl, n)], log=log)
+            (r,) = run_cases([fixed_case(wl, n)], log=log, post=concurrency_columns)
             known[n] = float(r.row["slo_attainment"])
         return known[n]
 
@@ -176,6 +190,8 @@ TABLE_COLUMNS = [
     ("gpu_hours", "GPU-h", ".2f"),
     ("cost_usd", "cost ($)", ".2f"),
     ("requests_rejected", "rejected", ".0f"),
+    ("inflight_per_replica_mean", "in flight / replica", ".1f"),
+    ("inflight_per_replica_peak_min", "busiest min", ".1f"),
 ]
 
 
@@ -191,7 +207,8 @@ def report(df: pd.DataFrame, workloads: Sequence[ScalingWorkload] = WORKLOADS) -
         parts.append(f"### {wl.title}\n\n{n} requests; {GPU} x llama-3.1-8b; SLO: {slo}; autoscalers between "
                      f"{MIN_REPLICAS} and {MAX_REPLICAS} replicas, target {wl.target:g} in flight per replica.{fixed} "
                      "replicas = serving + starting (sampled each second); started = replicas ever created "
-                     "(initial ones included).\n\n" + markdown_table(sub, TABLE_COLUMNS))
+                     "(initial ones included); in flight / replica = requests in the system per replica, mean and "
+                     "busiest minute.\n\n" + markdown_table(sub, TABLE_COLUMNS))
     return "\n\n".join(parts) + "\n"
 
 
@@ -251,17 +268,19 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     args.out.mkdir(parents=True, exist_ok=True)
     workloads = [wl for wl in WORKLOADS if not (args.quick and wl.full_only)]
     sized = [wl for wl in workloads if wl.fixed_as is None]
-    # 1. Sizing: an ample fixed fleet per workload -> fixed-mean; bisection -> fixed-peak.
-    sizing_runs = run_cases([fixed_case(wl, SIZING_REPLICAS) for wl in sized], jobs=args.jobs)
+    # 1. Sizing: fixed-peak = the smallest fixed fleet meeting the SLO goal (bisection up to an ample
+    #    fleet, which is also reported); fixed-mean = fixed-peak x mean/peak arrivals per minute.
+    per_minute = {wl.key: arrivals_per_minute(wl) for wl in workloads}
+    sizing_runs = run_cases([fixed_case(wl, SIZING_REPLICAS) for wl in sized], jobs=args.jobs, post=concurrency_columns)
     sizing: dict[str, tuple[int, int]] = {}
     for wl, r in zip(sized, sizing_runs):
-        n_mean = mean_fleet(r.series, wl.target)
-        n_peak, known = smallest_fleet(wl, n_mean, SIZING_REPLICAS, {SIZING_REPLICAS: r.row["slo_attainment"]})
+        n_peak, known = smallest_fleet(wl, 1, SIZING_REPLICAS, {SIZING_REPLICAS: r.row["slo_attainment"]})
+        n_mean = min(n_peak, mean_fleet(n_peak, per_minute[wl.key]))
         sizing[wl.key] = (n_mean, n_peak)
         tried = ", ".join(f"{n}: {a:.3f}" for n, a in sorted(known.items()))
-        print(f"{wl.key}: fixed-mean {n_mean}, fixed-peak {n_peak} (SLO attainment by fleet size: {tried})")
+        print(f"{wl.key}: fixed-peak {n_peak}, fixed-mean {n_mean} (SLO attainment by fleet size: {tried})")
     # 2. Every autoscaler and the two fixed fleets.
-    results = run_cases(build_cases(args.quick, sizing, workloads), jobs=args.jobs)
+    results = run_cases(build_cases(args.quick, sizing, workloads), jobs=args.jobs, post=concurrency_columns)
     # Table order per workload: the autoscalers, the fixed fleets, then the sizing run.
     sizing_by_key = {wl.key: r for wl, r in zip(sized, sizing_runs)}
     ordered = []
@@ -275,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     series.to_csv(args.out / "autoscaling_series.csv", index=False)
     text = report(df, workloads)
     write_text(args.out / "autoscaling.md", text)
-    plot(series, {wl.key: arrivals_per_minute(wl) for wl in workloads}, args.out, workloads)
+    plot(series, per_minute, args.out, workloads)
     print(text)
     print(f"wrote {args.out / 'autoscaling.csv'}, autoscaling.md, autoscaling_series.csv and autoscaling_*.png "
           f"({len(df)} runs, {df['sim_wall_s'].sum():.0f} s of simulation)")

@@ -41,7 +41,7 @@ def test_linear_decode_run_times_bit_identical(coef, num_seqs, ctx, k):
     assert fast == slow
 
 
-def test_roofline_decode_run_times_bit_identical():
+def test_roofline_decode_run_times_match_to_an_ulp():
     roofline = pytest.importorskip("sim.roofline")
     from sim.catalog import load_catalog
 
@@ -56,8 +56,9 @@ def test_roofline_decode_run_times_bit_identical():
             continue
         for _ in range(20):
             b, ctx, k = int(rng.integers(1, 512)), int(rng.integers(1, 10**7)), int(rng.integers(1, 200))
-            fast = m.decode_run_times(b, ctx, k).tolist()
-            assert fast == [m.step_time(BatchShape(decode_seqs=b, decode_context=ctx + j * b)) for j in range(k)]
+            fast = m.decode_run_times(b, ctx, k)
+            slow = np.array([m.step_time(BatchShape(decode_seqs=b, decode_context=ctx + j * b)) for j in range(k)])
+            assert np.all(np.abs(fast - slow) <= 2 * np.spacing(slow))  # np.hypot vs math.hypot
             checked += 1
     assert checked >= 40
 
@@ -98,7 +99,7 @@ def _assert_same(a, b):
     pd.testing.assert_frame_equal(oa.timeseries, ob.timeseries, check_exact=False, rtol=1e-12, atol=0)
     assert np.array_equal(ca.itl.counts, cb.itl.counts)
     assert math.isclose(ca.itl.sum, cb.itl.sum, rel_tol=1e-9)
-    assert [r.busy_s for r in ca.replicas] == pytest.approx([r.busy_s for r in cb.replicas], rel=1e-12)
+    assert [r.busy_s for r in ca.replicas] == pytest.approx([r.busy_s for r in cb.replicas], rel=1e-9)
 
 
 @pytest.fixture

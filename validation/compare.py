@@ -30,7 +30,7 @@ import pandas as pd
 
 from sim.errors import FleetsimError
 from traces.schema import Workload
-from validation.engine import EngineError, EngineInfo, EngineSpec, VllmServer
+from validation.engine import EngineError, EngineInfo, EngineSpec, VllmServer, vllm_python
 from validation.fit import feature_matrix, fit_step_time, mape, usable_steps, write_profile
 from validation.measure import Measurement, measure, vocab_size_of
 from validation.workloads import at_rate, burst, shrink, with_arrivals
@@ -262,6 +262,8 @@ def validate(plan: Plan, out_dir: str | Path, *, attach_url: str | None = None, 
     out.mkdir(parents=True, exist_ok=True)
     walls: dict = {}
     t_all = time.monotonic()
+    if not attach_url:
+        vllm_python()  # fail fast, with the install hint, before loading traces
     model = plan.engine.model
     vocab = vocab_size_of(model)
     fit_w, test_w = plan.fit.load(), plan.test.load()

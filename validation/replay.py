@@ -341,8 +341,21 @@ def replay(url: str, requests: list[ReplayRequest], *, model: str, rate_scale: f
         prev = os.sched_getaffinity(0)
         os.sched_setaffinity(0, client_cpus)
     try:
-        return asyncio.run(replay_async(url, requests, model=model, rate_scale=rate_scale, timeout_s=timeout_s,
-                                        metrics_interval_s=metrics_interval_s))
+        return _run_coroutine(lambda: replay_async(url, requests, model=model, rate_scale=rate_scale,
+                                                   timeout_s=timeout_s, metrics_interval_s=metrics_interval_s))
     finally:
         if prev is not None:
             os.sched_setaffinity(0, prev)
+
+
+def _run_coroutine(make_coro):
+    """Run a coroutine to completion from sync code, even where an event loop is already running
+    in this thread (Jupyter, or a library that left one running): then it gets its own thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make_coro())
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(lambda: asyncio.run(make_coro())).result()

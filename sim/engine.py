@@ -67,7 +67,8 @@ class EngineRequest:
         self.num_output_tokens = 0
         self.status = WAITING
         self.blocks: list[int] = []
-        self.block_hashes = list(block_hashes)
+        # The list is taken over (extended in place with the hashes of later blocks), not copied.
+        self.block_hashes = block_hashes if type(block_hashes) is list else list(block_hashes)
         # Leading blocks whose content other requests may share (the rest is unique to this one:
         # see sim.kv_cache.BlockPool.mark_unique). Unknown = all precomputed hashes.
         self.num_shared_blocks = len(self.block_hashes) if num_shared_blocks is None else num_shared_blocks
@@ -158,12 +159,13 @@ class DecodeRun:
     """
 
     __slots__ = ("reqs", "B", "k", "ends", "dts", "c0", "L", "nc", "done", "pool_done",
-                 "ends_list", "allocs", "dc0", "times", "dmin", "dmax", "t0")
+                 "ends_list", "allocs", "dc0", "times", "dmin", "dmax", "t0", "monotone")
 
     FIRST_CHUNK = 512  # step durations are computed in chunks growing x4: most runs are cut short
 
-    def __init__(self, reqs, c0, L, nc, k, allocs, times, t0):
+    def __init__(self, reqs, c0, L, nc, k, allocs, times, t0, monotone=False):
         self.reqs: list[EngineRequest] = reqs
+        self.monotone = monotone  # the model promises nondecreasing durations over a run
         self.t0 = t0  # start of the first step
         self.B = len(reqs)
         self.c0: list[int] = c0  # computed tokens at the start
@@ -197,7 +199,10 @@ class DecodeRun:
         acc[0] = t_start
         acc[1:] = dts
         acc.cumsum(out=acc)
-        lo, hi = float(np.minimum.reduce(dts)), float(np.maximum.reduce(dts))
+        if self.monotone:  # nondecreasing (to a few ulps, far inside the ITL margin)
+            lo, hi = float(dts[0]), float(dts[-1])
+        else:
+            lo, hi = float(np.minimum.reduce(dts)), float(np.maximum.reduce(dts))
         if n0:
             self.dts = np.concatenate((self.dts, dts))
             self.ends = np.concatenate((self.ends, acc[1:]))
@@ -596,13 +601,14 @@ class Engine:
                     if k < min_steps:
                         return None
         fn = getattr(step_model, "decode_run_times", None)
+        monotone = fn is not None and getattr(step_model, "decode_run_monotone", False)
         if fn is None:
             st = step_model.step_time
 
             def fn(num_seqs: int, dc: int, n: int) -> np.ndarray:
                 return np.array([st(BatchShape(decode_seqs=num_seqs, decode_context=dc + j * num_seqs))
                                  for j in range(n)])
-        run = DecodeRun(list(running), c0, L, nc, k, allocs, fn, now)
+        run = DecodeRun(list(running), c0, L, nc, k, allocs, fn, now, monotone)
         self._run = run
         self.kv.pending_sync = self.sync
         self.kv.pending_blocks = self._pending_blocks

@@ -209,6 +209,10 @@ class RooflineStepTime:
                     + 2.0 * (tp - 1) / tp * tokens * self._allreduce_bytes_per_token / self._link_bytes_s)
         return t if t > 0 else 1e-6  # the protocol requires > 0 (all knobs at zero and an empty step)
 
+    # decode_run_times() is nondecreasing up to hypot's last-ulp rounding: both attention terms grow
+    # with the context (the engine's fast-forward relies on this for its ITL histogram bounds).
+    decode_run_monotone = True
+
     def decode_run_times(self, num_seqs: int, context_sum_start: int, k: int):
         """Durations of ``k`` consecutive decode-only steps (``num_seqs`` sequences, context sum
         ``context_sum_start`` growing by ``num_seqs`` per step), for the engine's exact fast-forward.

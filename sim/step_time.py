@@ -127,6 +127,9 @@ class LinearStepTime:
             + c[5] * (shape.prefill_seqs + shape.decode_seqs)
         )
 
+    # decode_run_times() is nondecreasing: every term is a monotone float function of the context.
+    decode_run_monotone = True
+
     def decode_run_times(self, num_seqs: int, context_sum_start: int, k: int):
         """Durations of ``k`` consecutive decode-only steps of ``num_seqs`` sequences whose context
         sum is ``context_sum_start`` at the first step and grows by ``num_seqs`` per step.

@@ -187,3 +187,15 @@ def test_transforms_do_not_mutate_their_input():
     transforms.cap_to_context(w, 512)
     assert w.df.equals(before)
     assert load_file(FIX / "burstgpt_v1.csv").df.equals(load_file(FIX / "burstgpt_v1.csv").df)
+
+
+def test_rate_scale_compresses_think_times_of_sessions():
+    from traces.config import WorkloadSpec, build_workload
+
+    syn = {"arrival": "poisson", "rate_per_s": 1, "num_requests": 40,
+           "sessions": {"turns": 3, "think_time_s": {"dist": "fixed", "value": 6.0}}}
+    base = build_workload(WorkloadSpec(synthetic=syn), seed=1)
+    fast = build_workload(WorkloadSpec(synthetic=syn, rate_scale=3.0), seed=1)
+    t0 = base.df["think_time_s"].dropna()
+    t1 = fast.df["think_time_s"].dropna()
+    assert len(t0) > 0 and (t1.to_numpy() == t0.to_numpy() / 3).all()

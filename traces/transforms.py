@@ -73,7 +73,12 @@ def scale_rate(w: Workload, factor: float) -> Workload:
         return w
     df = w.df.copy()
     df["arrival_s"] = df["arrival_s"] / factor
-    return _with(w, df, f"rate scaled x{factor:g} (arrival times divided by {factor:g})")
+    note = f"rate scaled x{factor:g} (arrival times divided by {factor:g})"
+    if "think_time_s" in df.columns:
+        # Closed-loop sessions release turns think_time_s after their parent: compress it too.
+        df["think_time_s"] = df["think_time_s"] / factor
+        note = f"rate scaled x{factor:g} (arrival and think times divided by {factor:g})"
+    return _with(w, df, note)
 
 
 def cap_to_context(w: Workload, max_model_len: int) -> Workload:

@@ -38,8 +38,25 @@ def validate(
     max_error: Optional[float] = typer.Option(None, "--max-error", help="Exit 1 if any contract metric's "
                                                                        "|sim/real - 1| exceeds this."),
     seed: int = typer.Option(0, "--seed"),
+    from_logs: Optional[Path] = typer.Option(
+        None, "--from-logs", help="Calibrate from a recorded run's request logs (no engine, no step log): "
+                                  "a directory with meta.json, workload.jsonl, requests.jsonl (LLMServingSim "
+                                  "bench format), e.g. ../shared/traces/llmservingsim_rtx4090_llama8b."),
+    split: str = typer.Option("halves", "--split", help="--from-logs: fit on the first half of the requests and "
+                                                        "test on the second (halves), or even / odd (alternate)."),
+    search_evaluations: int = typer.Option(120, "--search-evaluations",
+                                           help="--from-logs: at most this many simulations in the search."),
+    method: str = typer.Option("least_squares", "--method", help="--from-logs: least_squares or nelder-mead."),
+    cluster: Optional[int] = typer.Option(None, "--cluster", help="Cluster mode: start N vLLM servers and route "
+                                                                  "with fleetsim's own router objects."),
+    routers: str = typer.Option("round-robin,prefix-aware", "--routers",
+                                help="--cluster: comma-separated router policies to compare."),
 ) -> None:
     """Validate the simulator against a real vLLM engine (start it, replay, fit, simulate, compare)."""
+    if from_logs is not None:
+        return _from_logs(from_logs, out, as_json, split, search_evaluations, method, max_error)
+    if cluster is not None:
+        return _cluster(cluster, routers, out, as_json, quick, model, seed, max_error)
     from validation.compare import format_table, full_plan, quick_plan, validate as run_validation
     from validation.engine import EngineSpec
 
@@ -75,12 +92,69 @@ def validate(
         typer.echo(f"\nfit: held-out step MAPE {doc['fit']['heldout_mape']:.1%} (training run blocks), "
                    f"{(doc['fit']['test_trace_mape'] or float('nan')):.1%} (held-out trace); profile {report.profile}")
         typer.echo(f"report: {out / 'report.json'}")
-    if max_error is not None:
-        bad = {k: v for k, v in doc["error"].items() if v is None or abs(v) > max_error}
-        if bad:
-            typer.echo(f"error: relative error above {max_error:.0%}: "
-                       + ", ".join(f"{k} {'n/a' if v is None else f'{v:+.1%}'}" for k, v in bad.items()), err=True)
-            raise typer.Exit(1)
+    _check_max_error(doc, max_error)
+
+
+def _check_max_error(doc: dict, max_error: float | None) -> None:
+    if max_error is None:
+        return
+    bad = {k: v for k, v in doc["error"].items() if v is None or abs(v) > max_error}
+    if bad:
+        typer.echo(f"error: relative error above {max_error:.0%}: "
+                   + ", ".join(f"{k} {'n/a' if v is None else f'{v:+.1%}'}" for k, v in bad.items()), err=True)
+        raise typer.Exit(1)
+
+
+def _from_logs(directory: Path, out: Path, as_json: bool, split: str, evaluations: int, method: str,
+               max_error: float | None) -> None:
+    """``--from-logs``: simulation-based calibration on a recorded run (validation/from_logs.py)."""
+    from validation.from_logs import calibrate, format_table
+
+    log = (lambda s: print(s, file=sys.stderr)) if as_json else print
+    try:
+        if split not in ("halves", "alternate"):
+            raise FleetsimError(f"--split: expected halves or alternate, got {split!r}")
+        if method not in ("least_squares", "nelder-mead"):
+            raise FleetsimError(f"--method: expected least_squares or nelder-mead, got {method!r}")
+        cal = calibrate(directory, out, split=split, method=method, max_evaluations=evaluations, log=log)  # type: ignore[arg-type]
+    except FleetsimError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    doc = cal.to_json()
+    if as_json:
+        typer.echo(json.dumps(doc))
+    else:
+        typer.echo(format_table(cal))
+        f = doc["fit"]
+        typer.echo(f"\nsearch: {f['evaluations']} simulations ({f['method']}), objective {f['objective_start']:.3f} "
+                   f"(roofline start) -> {f['objective']:.3f}; held-out median |error| "
+                   f"{f['heldout_median_abs_error']:.1%} over {f['heldout_requests']} requests")
+        typer.echo(f"profile: {doc['profile']}\nreport: {out / 'report.json'}"
+                   + (f"\nplots: {', '.join(doc['plots'])}" if doc["plots"] else ""))
+    _check_max_error(doc, max_error)
+
+
+def _cluster(n: int, routers: str, out: Path, as_json: bool, quick: bool, model: str, seed: int,
+             max_error: float | None) -> None:
+    """``--cluster N``: N real vLLM servers behind fleetsim's routers vs the simulator (real_cluster.py)."""
+    from validation.real_cluster import ClusterPlan, format_cluster_table, validate_cluster
+
+    log = (lambda s: print(s, file=sys.stderr)) if as_json else print
+    try:
+        names = [r.strip() for r in routers.split(",") if r.strip()]
+        plan = ClusterPlan.quick(n, names, model=model, seed=seed) if quick else ClusterPlan.full(
+            n, names, model=model, seed=seed)
+        report = validate_cluster(plan, out, log=log)
+    except FleetsimError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    doc = report.to_json()
+    if as_json:
+        typer.echo(json.dumps(doc))
+    else:
+        typer.echo(format_cluster_table(report))
+        typer.echo(f"report: {out / 'report.json'}")
+    _check_max_error(doc, max_error)
 
 
 def register(app: typer.Typer) -> None:

@@ -34,7 +34,10 @@ class PrefixParams(BaseModel):
     mode: Literal["approximate", "precise"] = "approximate"
     cache_blocks: int | None = Field(None, ge=1, description="approximate LRU size; default: replica cache size")
     max_imbalance: int | None = Field(8, ge=0, description="load guard on in-flight requests; null = off")
-    min_match_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    # Ray Serve's PrefixCacheAffinityRouter uses match_rate_threshold=0.1: below it a match is too
+    # short to be worth herding onto (a shared 512-token system prompt would otherwise pin every
+    # request to the first replicas that saw it; see docs/policy-study.md).
+    min_match_ratio: float = Field(0.1, ge=0.0, le=1.0)
 
 
 def load_guard(views: Sequence[ReplicaView], max_imbalance: int | None) -> list[ReplicaView]:
@@ -73,7 +76,7 @@ class PrefixAware(Router):
     """Longest cached prefix wins, behind a load guard (see module docstring).
 
     Parameters: ``mode`` (approximate|precise), ``cache_blocks`` (approximate LRU size per replica;
-    default the replica's ``num_total_blocks``), ``max_imbalance`` (8), ``min_match_ratio`` (0.0).
+    default the replica's ``num_total_blocks``), ``max_imbalance`` (8), ``min_match_ratio`` (0.1, as Ray Serve's match_rate_threshold).
     """
 
     def __init__(self, rng=None, **params):

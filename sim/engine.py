@@ -516,8 +516,8 @@ class Engine:
     def plan_decode_run(self, now: float, step_model, max_steps: int = 65536, min_steps: int = 2) -> float | None:
         """Plan the next steps as one :class:`DecodeRun` if at least ``min_steps`` are certain.
 
-        Returns the end time of the run's last step (the caller wakes up then and calls
-        :meth:`finish_run`), or ``None`` if the next step must be scheduled normally.
+        Returns the time the caller must wake up (the end of the run, or of its first chunk of
+        steps; then call :meth:`run_wake`), or ``None`` if the next step must be scheduled normally.
         """
         if self._run is not None:
             raise RuntimeError("a fast-forward run is already in flight")
@@ -568,17 +568,17 @@ class Engine:
         # The waiting head: must not be admissible now, and must stay so during the run.
         budget_left = cfg.max_num_batched_tokens - B
         if self.num_waiting and budget_left > 0 and B < cfg.max_num_seqs:
-            head = self._peek_waiting()
+            whead = self._peek_waiting()
             hit_blocks: list[int] = []
             num_hit = 0
-            if head.num_computed_tokens == 0:
-                hit_blocks, num_hit = kv.get_computed_blocks(head)
-            n = head.num_tokens - head.num_computed_tokens - num_hit
+            if whead.num_computed_tokens == 0:
+                hit_blocks, num_hit = kv.get_computed_blocks(whead)
+            n = whead.num_tokens - whead.num_computed_tokens - num_hit
             thr = cfg.long_prefill_token_threshold
             if 0 < thr < n:
                 n = thr
             if cfg.enable_chunked_prefill or n <= budget_left:
-                if kv.can_allocate(head, min(n, budget_left), hit_blocks, apply_watermark=True):
+                if kv.can_allocate(whead, min(n, budget_left), hit_blocks, apply_watermark=True):
                     return None  # the naive step admits it
                 rc = kv.pool.ref_cnt
                 watched = {b for b in hit_blocks if rc[b] == 0}

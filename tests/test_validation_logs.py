@@ -109,14 +109,18 @@ def test_load_mirrors_engine_and_measures_from_receipt(synthetic_logs):
 
 def test_calibration_recovers_a_known_profile(synthetic_logs, tmp_path):
     """The search starts from the roofline (tens of % off) and must reproduce the held-out requests."""
-    cal = calibrate(synthetic_logs, tmp_path, split="halves", max_evaluations=40)
+    cal = calibrate(synthetic_logs, tmp_path, split="halves", max_evaluations=60)
+    keys = ("ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90", "e2e_p50", "e2e_p90")
     start = cal.start_tables["heldout"]["error"]
     held = cal.tables["heldout"]["error"]
-    assert max(abs(v) for v in start.values()) > 0.1  # the start is really off
-    worst = max(abs(held[k]) for k in ("ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90", "e2e_p50", "e2e_p90"))
-    assert worst < 0.05, held
-    assert cal.search.objective < cal.search.objective_stage1 <= cal.search.objective_start
-    assert cal.search.evaluations <= 40
+    assert max(abs(start[k]) for k in keys) > 0.3  # the roofline start is really off
+    # measured: worst 4.9%, median 2.8% (48 requests: a rough objective; the 300-request RTX 4090 run
+    # calibrates to < 1.5%)
+    assert max(abs(held[k]) for k in keys) < 0.08, held
+    assert sorted(abs(held[k]) for k in keys)[3] < 0.05, held
+    assert cal.search.objective < 0.2 * cal.search.objective_start
+    assert cal.search.objective <= cal.search.objective_stage1 <= cal.search.objective_start
+    assert cal.search.evaluations <= 60
     doc = json.loads((tmp_path / "report.json").read_text())
     assert doc["engine"] == "logs" and set(doc["error"]) == {"ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90",
                                                               "e2e_p50", "e2e_p90"}

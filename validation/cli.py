@@ -46,7 +46,7 @@ def validate(
                                                         "test on the second (halves), or even / odd (alternate)."),
     search_evaluations: int = typer.Option(120, "--search-evaluations",
                                            help="--from-logs: at most this many simulations in the search."),
-    method: str = typer.Option("least_squares", "--method", help="--from-logs: least_squares or nelder-mead."),
+    method: str = typer.Option("nelder-mead", "--method", help="--from-logs: nelder-mead or least_squares."),
     cluster: Optional[int] = typer.Option(None, "--cluster", help="Cluster mode: start N vLLM servers and route "
                                                                   "with fleetsim's own router objects."),
     routers: str = typer.Option("round-robin,prefix-aware", "--routers",

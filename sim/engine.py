@@ -158,7 +158,7 @@ class DecodeRun:
     step in flight (its blocks were allocated when it was scheduled), exactly as the naive path.
     """
 
-    __slots__ = ("reqs", "B", "k", "ends", "dts", "c0", "L", "nc", "done", "pool_done",
+    __slots__ = ("reqs", "B", "k", "ends", "c0", "L", "nc", "done", "pool_done",
                  "ends_list", "allocs", "dc0", "times", "dmin", "dmax", "t0", "monotone")
 
     FIRST_CHUNK = 512  # step durations are computed in chunks growing x4: most runs are cut short
@@ -175,7 +175,6 @@ class DecodeRun:
         self.k = k  # steps in the run (shrinks if truncated)
         self.dc0 = sum(c0) + self.B  # decode_context of step 1
         self.times = times  # (num_seqs, context_sum_start, n) -> step durations
-        self.dts = np.empty(0)
         self.dmin = self.dmax = 0.0  # bounds of the computed step durations
         self.ends = np.empty(0)  # end times of the steps computed so far
         self.ends_list: list[float] | None = None
@@ -190,33 +189,33 @@ class DecodeRun:
         """Compute the next chunk of step durations and end times; return the chunk's last end.
 
         End times are a running sum started at the run's start, the same float additions as
-        ``now + dt`` one step at a time.
+        ``now + dt`` one step at a time. The durations themselves are not kept: only their bounds
+        (for the ITL histogram).
         """
         n0 = len(self.ends)
         n = min(self.k - n0, max(self.FIRST_CHUNK, 3 * n0))
-        dts = np.asarray(self.times(self.B, self.dc0 + n0 * self.B, n), dtype=np.float64)
         acc = np.empty(n + 1)
         acc[0] = t_start
-        acc[1:] = dts
-        acc.cumsum(out=acc)
+        dts = acc[1:]
+        self.times(self.B, self.dc0 + n0 * self.B, n, out=dts)
         if self.monotone:  # nondecreasing (to a few ulps, far inside the ITL margin)
-            lo, hi = float(dts[0]), float(dts[-1])
+            lo, hi = acc.item(1), acc.item(n)
         else:
             lo, hi = float(np.minimum.reduce(dts)), float(np.maximum.reduce(dts))
+        acc.cumsum(out=acc)
         if n0:
-            self.dts = np.concatenate((self.dts, dts))
-            self.ends = np.concatenate((self.ends, acc[1:]))
+            self.ends = np.concatenate((self.ends, dts))
             self.dmin, self.dmax = min(self.dmin, lo), max(self.dmax, hi)
         else:
-            self.dts, self.ends = dts, acc[1:]
+            self.ends = dts
             self.dmin, self.dmax = lo, hi
         self.ends_list = None
-        return float(acc[n])
+        return acc.item(n)
 
     @property
     def end_time(self) -> float:
         """When the engine must be woken: the end of the run, or of the last computed chunk."""
-        return float(self.ends[min(self.k, len(self.ends)) - 1])
+        return self.ends.item(min(self.k, len(self.ends)) - 1)
 
     def completed_steps(self, now: float) -> int:
         """Steps of the run that ended at or before ``now``."""
@@ -605,9 +604,9 @@ class Engine:
         if fn is None:
             st = step_model.step_time
 
-            def fn(num_seqs: int, dc: int, n: int) -> np.ndarray:
-                return np.array([st(BatchShape(decode_seqs=num_seqs, decode_context=dc + j * num_seqs))
-                                 for j in range(n)])
+            def fn(num_seqs: int, dc: int, n: int, out: np.ndarray) -> np.ndarray:
+                out[:] = [st(BatchShape(decode_seqs=num_seqs, decode_context=dc + j * num_seqs)) for j in range(n)]
+                return out
         run = DecodeRun(list(running), c0, L, nc, k, allocs, fn, now, monotone)
         self._run = run
         self.kv.pending_sync = self.sync
@@ -621,7 +620,7 @@ class Engine:
         run = self._run
         if run is None or run.computed >= run.k:
             return None
-        return run.extend(float(run.ends[-1]))
+        return run.extend(run.ends.item(-1))
 
     def truncate_run(self, now: float) -> float:
         """Something arrived at ``now``: the run ends with the step in flight. Returns its end time."""
@@ -695,35 +694,40 @@ class Engine:
         """Token accounting of steps q+1..s: counters, token times, ITL histogram, busy time."""
         d = s - q
         ends = run.ends
-        t_last = float(ends[s - 1])
+        t_last = ends.item(s - 1)
         on_itl = self._on_itl
         if on_itl is not None:
-            if q == 0:
-                # Step 1: each request's gap since its own last token (as update() computes it).
-                t1 = float(ends[0])
-                itl_count = 0
-                itl_value = 0.0
-                for r in run.reqs:
-                    gap = t1 - r.last_token_s
-                    if gap == itl_value:
-                        itl_count += 1
-                    else:
-                        if itl_count:
-                            on_itl(itl_value, itl_count)
-                        itl_value, itl_count = gap, 1
-                if itl_count:
-                    on_itl(itl_value, itl_count)
             lo = max(q, 1)
+            if q == 0:
+                t0 = run.t0
+                if all(r.last_token_s == t0 for r in run.reqs):
+                    lo = 0  # all sampled at the run's start: step 1's gaps are like the others
+                else:
+                    # Step 1: each request's gap since its own last token (as update() computes it).
+                    t1 = ends.item(0)
+                    itl_count = 0
+                    itl_value = 0.0
+                    for r in run.reqs:
+                        gap = t1 - r.last_token_s
+                        if gap == itl_value:
+                            itl_count += 1
+                        else:
+                            if itl_count:
+                                on_itl(itl_value, itl_count)
+                            itl_value, itl_count = gap, 1
+                    if itl_count:
+                        on_itl(itl_value, itl_count)
             if s > lo:
                 # Steps lo+1..s: every request's gap is the step's end minus the previous end.
                 def gaps() -> np.ndarray:
-                    return ends[lo:s] - ends[lo - 1:s - 1]
+                    prev = ends[lo - 1:s - 1] if lo else np.concatenate(([run.t0], ends[:s - 1]))
+                    return ends[lo:s] - prev
 
+                t_prev = ends.item(lo - 1) if lo else run.t0
                 if self._on_itl_many is not None:
                     # A gap differs from its step duration by at most an ulp of the end time.
-                    eps = 4.0 * math.ulp(float(ends[s - 1]))
-                    self._on_itl_many(gaps, run.B, s - lo, run.dmin - eps, run.dmax + eps,
-                                      float(ends[s - 1]) - float(ends[lo - 1]))
+                    eps = 4.0 * math.ulp(t_last)
+                    self._on_itl_many(gaps, run.B, s - lo, run.dmin - eps, run.dmax + eps, t_last - t_prev)
                 else:
                     for g in gaps().tolist():
                         on_itl(g, run.B)
@@ -735,7 +739,7 @@ class Engine:
         self._steps += d
         self._tokens_generated += d * run.B
         # GPU-busy time: the steps' durations, as the elapsed time of the run (equal to round-off).
-        self.busy_s += t_last - (float(ends[q - 1]) if q else run.t0)
+        self.busy_s += t_last - (ends.item(q - 1) if q else run.t0)
 
 
 def _alloc_counter(first: list[int], bs: int) -> Callable[[int], int]:

@@ -44,52 +44,54 @@ UNIQUE = _UniqueHash()
 class FreeBlockQueue:
     """Free block ids in eviction order: O(1) per block popleft / append / appendleft / remove.
 
-    Storage is a list ``_q`` whose live part starts at ``_head``. ``_pos[b]`` is the *logical*
-    slot of block ``b`` (physical index + ``_base``), so trimming or padding the list never
-    rewrites positions. An entry is live iff ``_pos[q[i]] == i + _base``; ``remove`` only marks the
-    block (``_pos = -1``) and leaves a hole that pops skip. Popped blocks keep a stale ``_pos``
-    pointing before ``_head``, which no live check can match.
+    Storage is a Python list ``_q`` whose live part starts at ``_head``, so popping or appending
+    ``n`` blocks is a slice or an ``extend`` (no per-block Python work). ``remove(b)`` (a prefix hit
+    taking a free block out of the middle) does not search: it leaves ``b``'s entry in place as a
+    *dead* entry and counts it in ``_dead[b]``; pops skip it. A block's dead entries always come
+    before its live one, since a removed block is held, keeps its hash, and so rejoins at the back
+    (``appendleft`` of a block with dead entries compacts first, to keep that true).
     """
 
-    __slots__ = ("_q", "_pos", "_head", "_base", "size", "_holes")
-    _ORIGIN = 1 << 40  # logical positions stay positive whatever the padding
+    __slots__ = ("_q", "_head", "_dead", "size", "_holes")
+    _MARGIN = 1024  # free slots kept before the head for appendleft
 
     def __init__(self, num_blocks: int, initial: Sequence[int]):
-        init = list(initial)
-        self._q: list[int] = init
+        self._q: list[int] = list(initial)
         self._head = 0
-        self._base = self._ORIGIN
-        pos = self._pos = [-1] * num_blocks
-        for i, b in enumerate(init, self._base):
-            pos[b] = i
-        self.size = len(init)
-        self._holes = 0
+        self._dead = [0] * num_blocks  # dead entries of each block still in _q[_head:]
+        self.size = len(self._q)
+        self._holes = 0  # total dead entries in _q[_head:]
 
     # -- queries ---------------------------------------------------------------------------
     def __len__(self) -> int:
         return self.size
 
+    def iter_front(self):
+        """Live block ids from the front (what successive pops would return), lazily."""
+        q = self._q
+        if not self._holes:
+            for i in range(self._head, len(q)):
+                yield q[i]
+            return
+        skip: dict[int, int] = {}
+        dead = self._dead
+        for i in range(self._head, len(q)):
+            b = q[i]
+            if dead[b] > skip.get(b, 0):
+                skip[b] = skip.get(b, 0) + 1
+            else:
+                yield b
+
+    def to_list(self) -> list[int]:
+        return list(self.iter_front())
+
     def __contains__(self, b: int) -> bool:
-        p = self._pos[b] - self._base
-        return self._head <= p < len(self._q) and self._q[p] == b
+        return b in set(self.iter_front())
 
     @property
     def in_queue(self) -> list[bool]:
-        return [b in self for b in range(len(self._pos))]
-
-    def to_list(self) -> list[int]:
-        q, pos, base = self._q, self._pos, self._base
-        if not self._holes:
-            return q[self._head:]
-        return [b for i, b in enumerate(q[self._head:], self._head + base) if pos[b] == i]
-
-    def iter_front(self):
-        """Live block ids from the front (what successive pops would return), lazily."""
-        q, pos, base = self._q, self._pos, self._base
-        for i in range(self._head, len(q)):
-            b = q[i]
-            if pos[b] == i + base:
-                yield b
+        live = set(self.iter_front())
+        return [b in live for b in range(len(self._dead))]
 
     # -- pops ------------------------------------------------------------------------------
     def popleft(self) -> int:
@@ -107,15 +109,16 @@ class FreeBlockQueue:
             out = q[h:h + n]
             h += n
         else:
-            pos, base = self._pos, self._base
+            dead = self._dead
             out = []
             while len(out) < n:
                 b = q[h]
-                if pos[b] == h + base:
-                    out.append(b)
-                else:
-                    self._holes -= 1
                 h += 1
+                if dead[b]:
+                    dead[b] -= 1
+                    self._holes -= 1
+                else:
+                    out.append(b)
         self._head = h
         self.size -= n
         if h > 4 * self._MARGIN and 2 * h > len(q):
@@ -123,83 +126,60 @@ class FreeBlockQueue:
         return out
 
     def remove(self, b: int) -> None:
-        p = self._pos[b] - self._base
-        if not (self._head <= p < len(self._q) and self._q[p] == b):
-            raise ValueError(f"block {b} is not in the free queue")
-        self._pos[b] = -1
+        """Take a block that is in the queue out of it (its entry stays, dead)."""
+        self._dead[b] += 1
+        self._holes += 1
         self.size -= 1
-        if p == self._head:
-            self._head += 1
-        elif p == len(self._q) - 1:
-            self._q.pop()
-        else:
-            self._holes += 1
-            if self._holes > 4096 and self._holes > self.size:
-                self._compact()
+        if self._holes > 4096 and self._holes > self.size:
+            self._compact()
 
     # -- pushes ----------------------------------------------------------------------------
     def append(self, b: int) -> None:
-        self._pos[b] = len(self._q) + self._base
         self._q.append(b)
         self.size += 1
 
     def extend(self, blocks: Sequence[int]) -> None:
         """Append each block to the back, in order."""
-        i = len(self._q) + self._base
-        pos = self._pos
-        for b in blocks:
-            pos[b] = i
-            i += 1
         self._q.extend(blocks)
         self.size += len(blocks)
 
     def appendleft(self, b: int) -> None:
-        if self._head == 0:
-            self._grow_front(1)
-        self._head -= 1
-        self._q[self._head] = b
-        self._pos[b] = self._head + self._base
-        self.size += 1
+        self.extendleft([b])
 
     def extendleft(self, blocks: Sequence[int]) -> None:
         """``appendleft`` each block in order (the last one ends up at the front), like deque's."""
         n = len(blocks)
+        if self._holes:
+            dead = self._dead
+            for b in blocks:
+                if dead[b]:
+                    self._compact()
+                    break
         if self._head < n:
             self._grow_front(n)
         h = self._head
+        self._q[h - n:h] = blocks[::-1]
         self._head = h - n
-        q, pos, i = self._q, self._pos, h + self._base
-        for b in blocks:  # each goes in front of the previous one
-            h -= 1
-            i -= 1
-            q[h] = b
-            pos[b] = i
         self.size += n
 
     # -- storage housekeeping (amortised O(1) per operation) ---------------------------------
-    _MARGIN = 1024  # free slots kept before the head for appendleft
-
     def _grow_front(self, need: int) -> None:
         pad = max(need, len(self._q) - self._head, self._MARGIN)
         self._q = [0] * pad + self._q[self._head:]
-        self._base += self._head - pad
         self._head = pad
 
     def _trim(self) -> None:
-        """Drop the consumed front of the list, keeping a margin (logical positions unchanged)."""
+        """Drop the consumed front of the list, keeping a margin."""
         m = self._MARGIN
         self._q = self._q[self._head - m:]
-        self._base += self._head - m
         self._head = m
 
     def _compact(self) -> None:
-        """Drop holes: rebuild the live part and renumber it."""
+        """Drop dead entries: rebuild the live part."""
         live = self.to_list()
-        self._q = live
-        self._head = 0
-        pos = self._pos
-        for i, b in enumerate(live, self._base):
-            pos[b] = i
+        self._q = [0] * self._MARGIN + live
+        self._head = self._MARGIN
+        self._dead = [0] * len(self._dead)
         self._holes = 0
 
 
@@ -339,6 +319,7 @@ class BlockPool:
     def reset_prefix_cache(self) -> None:
         self.block_hash = [None] * self.num_gpu_blocks
         self.cached.clear()
+        self.free_queue._compact()  # unhashed blocks may now rejoin at the front
 
     # -- invariants (used by tests) --------------------------------------------------------
     def check_invariants(self) -> None:

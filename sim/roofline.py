@@ -213,7 +213,7 @@ class RooflineStepTime:
     # with the context (the engine's fast-forward relies on this for its ITL histogram bounds).
     decode_run_monotone = True
 
-    def decode_run_times(self, num_seqs: int, context_sum_start: int, k: int):
+    def decode_run_times(self, num_seqs: int, context_sum_start: int, k: int, out=None):
         """Durations of ``k`` consecutive decode-only steps (``num_seqs`` sequences, context sum
         ``context_sum_start`` growing by ``num_seqs`` per step), for the engine's exact fast-forward.
 
@@ -228,8 +228,11 @@ class RooflineStepTime:
 
         tokens = seqs = num_seqs
         t = self.step_overhead_s + self.per_seq_overhead_s * seqs
+        if out is None:
+            out = np.empty(k)
         if tokens <= 0:
-            return np.full(k, t if t > 0 else 1e-6)
+            out[:] = t if t > 0 else 1e-6
+            return out
         gemm_c = (self._gemm_flops_per_token * tokens + self._lm_head_flops_per_seq * seqs) / self._gemm_flops_s
         w = self._fixed_weight_bytes
         if self.model.is_moe:
@@ -237,16 +240,20 @@ class RooflineStepTime:
         t += math.hypot(gemm_c, w / self._mem_bytes_s)
         # prefill_attn is 0.0 here, so (pa + dc) and (dc + pa / Q_TILE) are exactly dc.
         dc = np.arange(context_sum_start, context_sum_start + k * num_seqs, num_seqs, dtype=np.float64)[:k]
-        a = self._attn_flops_per_pair * dc / self._attn_flops_s
-        m = self._kv_bytes_per_token * dc / self._mem_bytes_s
-        out = np.hypot(a, m)
+        a = self._attn_flops_per_pair * dc
+        a /= self._attn_flops_s
+        dc *= self._kv_bytes_per_token  # now the KV-read term, (kv_bytes * dc) / bandwidth
+        dc /= self._mem_bytes_s
+        np.hypot(a, dc, out=out)
         out += t
         tp = self.tensor_parallel
         if tp > 1:
             out += 2 * self.model.num_layers * (
                 self.comm_latency_s
                 + 2.0 * (tp - 1) / tp * tokens * self._allreduce_bytes_per_token / self._link_bytes_s)
-        return out if t > 0 else np.where(out > 0, out, 1e-6)
+        if t <= 0:
+            out[out <= 0] = 1e-6
+        return out
 
     def __repr__(self) -> str:
         return (f"RooflineStepTime({self.model.name} on {self.gpu.name}, tp={self.tensor_parallel}, "

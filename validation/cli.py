@@ -1,6 +1,10 @@
 """``fleetsim validate``: replay traces on a real vLLM engine, fit the step-time model, report the
 simulator's error. Mounted on the main CLI by :func:`register` (``sim/cli.py`` calls it).
 
+Three modes: the default (start or attach to one engine; ``validation/compare.py``), ``--from-logs
+DIR`` (calibrate from a recorded run's request logs, no engine; ``validation/from_logs.py``) and
+``--cluster N`` (N real engines behind fleetsim's routers vs the simulator; ``validation/real_cluster.py``).
+
 Importing this module never imports vLLM (nor starts anything); a missing vLLM install is reported
 with the command that installs it.
 """
@@ -52,7 +56,8 @@ def validate(
     routers: str = typer.Option("round-robin,prefix-aware", "--routers",
                                 help="--cluster: comma-separated router policies to compare."),
 ) -> None:
-    """Validate the simulator against a real vLLM engine (start it, replay, fit, simulate, compare)."""
+    """Validate the simulator against a real vLLM engine (start it, replay, fit, simulate, compare), against
+    a recorded run's request logs (--from-logs), or compare routers on N real engines (--cluster)."""
     if from_logs is not None:
         return _from_logs(from_logs, out, as_json, split, search_evaluations, method, max_error)
     if cluster is not None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,9 @@ class Plan:
     seed: int = 0
     timeout_s: float = 300.0
     client_cpus: set[int] | None = field(default_factory=lambda: {1})
+    # Per-request latency outside the engine's steps added to simulated TTFT / E2E; None = measure it
+    # on the fit run (client_latency), 0.0 = none.
+    client_latency: float | None = None
 
 
 def quick_plan(engine: EngineSpec | None = None) -> Plan:
@@ -135,6 +139,10 @@ def simulate_measurement(m: Measurement, workload: Workload, profile: Path, work
     arrivals = sent.reindex(ids.astype(str)).to_numpy(np.float64)
     if np.isnan(arrivals).any():  # never sent (should not happen): keep the schedule for those
         arrivals = np.where(np.isnan(arrivals), workload.df["arrival_s"].to_numpy(), arrivals)
+    df = workload.df.copy()
+    df["request_id"] = ids.astype(str).to_numpy()  # the simulated rows carry the replay's ids
+    workload = Workload(df, name=workload.name, hash_block_size=workload.hash_block_size, source=workload.source,
+                        notes=list(workload.notes))
     w = with_arrivals(workload, arrivals - np.nanmin(arrivals))
     path = workdir / f"{m.name}.workload.parquet"
     native.write(w, path)
@@ -163,12 +171,15 @@ def real_metrics(m: Measurement) -> dict:
     return out
 
 
-def sim_metrics(result) -> dict:
+def sim_metrics(result, latency_s: float = 0.0) -> dict:
+    """Percentiles etc. of a simulated run; ``latency_s`` (see :func:`client_latency`) is added to
+    every TTFT and E2E, as the client measures them."""
     df = result.requests
     ok = df[df["status"] == "completed"]
     out = {}
     for col in ("ttft", "tpot", "e2e"):
-        out.update(_pcts(ok[f"{col}_s"].to_numpy(np.float64), col))
+        add = latency_s if col in ("ttft", "e2e") else 0.0
+        out.update(_pcts(ok[f"{col}_s"].to_numpy(np.float64) + add, col))
     span = float(ok["finish_s"].max() - df["arrival_s"].min()) if len(ok) else float("nan")
     out["throughput_req_s"] = len(ok) / span if span > 0 else float("nan")
     out["preemptions"] = float(result.summary.get("preemptions", float("nan")))
@@ -176,6 +187,29 @@ def sim_metrics(result) -> dict:
     out["requests"] = int(len(df))
     out["failed"] = int((df["status"] != "completed").sum())
     return out
+
+
+def client_latency(m: Measurement, result, *, max_queue_s: float = 1e-3, min_requests: int = 5) -> tuple[float, int]:
+    """The per-request latency outside the engine's steps, measured on a *fit* run.
+
+    The client times a request from its send to the arrival of its tokens; the simulator from the
+    engine receiving it to the end of the step that produced them. In between are HTTP, the API
+    server's request handling, the IPC to the engine core and back, and (vLLM's async scheduling) a
+    request that arrives while a step runs cannot join the step scheduled meanwhile. For requests the
+    simulation admits at once (queue below ``max_queue_s``), ``real TTFT - simulated TTFT`` is that
+    latency plus noise; its median is what :func:`sim_metrics` adds to simulated TTFT and E2E.
+    Measured on the CPU engine: ~15 ms (1-1.5 steps of the tiny model) at an idle engine.
+
+    Returns (latency in seconds, number of requests it was measured on); (0.0, n) when fewer than
+    ``min_requests`` requests qualify."""
+    real = m.replay.requests.set_index(m.replay.requests["request_id"].astype(str))
+    sim_df = result.requests.set_index(result.requests["request_id"].astype(str))
+    sim_df = sim_df[(sim_df["status"] == "completed") & (sim_df["queue_s"] <= max_queue_s)]
+    both = sim_df.index.intersection(real.index[real["status"] == "ok"])
+    if len(both) < min_requests:
+        return 0.0, int(len(both))
+    d = real.loc[both, "ttft_s"].to_numpy(np.float64) - sim_df.loc[both, "ttft_s"].to_numpy(np.float64)
+    return float(np.median(d)), int(len(both))
 
 
 def relative_errors(sim: dict, real: dict) -> dict:
@@ -209,6 +243,8 @@ class ValidationReport:
     client_overhead: dict
     wall_s: dict
     steps: dict
+    machine: dict = field(default_factory=dict)
+    plots: list[str] = field(default_factory=list)
 
     def worst_error(self, metrics=CONTRACT_METRICS) -> dict:
         """Per metric, the error of largest magnitude over the open-loop load levels (the burst is
@@ -236,6 +272,8 @@ class ValidationReport:
             "client_overhead": self.client_overhead,
             "steps": self.steps,
             "wall_s": self.wall_s,
+            "machine": self.machine,
+            "plots": self.plots,
         })
 
 
@@ -255,6 +293,9 @@ def _capacity(m: Measurement) -> float:
     return real_metrics(m)["throughput_req_s"]
 
 
+RUN_NAMES = ("warmup", "fit-burst", "fit", "test-burst")  # + "test-<load>" per load level
+
+
 def validate(plan: Plan, out_dir: str | Path, *, attach_url: str | None = None, attach_log: str | None = None,
              log=print) -> ValidationReport:
     """Run the whole loop (module docstring); artifacts go to ``out_dir``."""
@@ -262,10 +303,11 @@ def validate(plan: Plan, out_dir: str | Path, *, attach_url: str | None = None, 
     out.mkdir(parents=True, exist_ok=True)
     walls: dict = {}
     t_all = time.monotonic()
+    # other work on the machine is the largest error source on shared hosts: record it
+    machine = {"cpus": os.cpu_count(), "loadavg_start": _loadavg()}
     if not attach_url:
         vllm_python()  # fail fast, with the install hint, before loading traces
-    model = plan.engine.model
-    vocab = vocab_size_of(model)
+    vocab = vocab_size_of(plan.engine.model)
     fit_w, test_w = plan.fit.load(), plan.test.load()
     if attach_url:
         server = VllmServer.attach(attach_url, plan.engine, attach_log)
@@ -273,6 +315,7 @@ def validate(plan: Plan, out_dir: str | Path, *, attach_url: str | None = None, 
         log(f"starting vLLM ({plan.engine.model}, block {plan.engine.block_size}, "
             f"budget {plan.engine.max_num_batched_tokens}, max seqs {plan.engine.max_num_seqs}) ...")
         server = VllmServer.launch(plan.engine, out / "engine")
+    ms: dict[str, Measurement] = {}
     with server:
         info = server.info
         walls["engine_start"] = info.start_s
@@ -292,48 +335,88 @@ def validate(plan: Plan, out_dir: str | Path, *, attach_url: str | None = None, 
                 failed = int((m.replay.requests["status"] != "ok").sum())
                 raise EngineError(f"the engine died during run {name} ({failed} request(s) failed; per-request "
                                   f"statuses in {out / 'runs' / name / 'requests.parquet'}); log {info.log_path}")
+            ms[name] = m
             return m
 
         run("warmup", burst(shrink(fit_w, max_requests=plan.warmup_requests)))
-        fit_burst = run("fit-burst", burst(shrink(fit_w, max_requests=plan.burst_requests)))
-        cap_fit = _capacity(fit_burst)
-        fit_rate = plan.fit_load * cap_fit
-        fit_run = run("fit", at_rate(fit_w, fit_rate))
-        train = pd.concat([fit_burst.steps, fit_run.steps], ignore_index=True)
-        if "reconstructed" not in train.columns:
+        run("fit-burst", burst(shrink(fit_w, max_requests=plan.burst_requests)))
+        run("fit", at_rate(fit_w, plan.fit_load * _capacity(ms["fit-burst"])))
+        if "reconstructed" not in ms["fit"].steps.columns:
             raise FleetsimError(f"no per-step timings from the engine at {info.url}: an attached server needs "
                                 f"--engine-log (its log, written with validation.engine.LOGGING_CONFIG and "
                                 f"--enable-logging-iteration-details)")
-        fit = fit_step_time(train, target="cycle", seed=plan.seed)
-        profile = write_profile(out / "profile.json", fit, info.to_dict())
-        log(f"fit on {fit.n_train} steps: held-out (blocks) step MAPE {fit.heldout_mape:.1%} "
-            f"(elapsed part {fit.heldout_mape_elapsed:.1%}, {fit.window}-step windows {fit.heldout_mape_window:.1%})")
-
-        test_burst_w = burst(shrink(test_w, max_requests=plan.burst_requests))
-        test_burst = run("test-burst", test_burst_w)
-        cap_test = _capacity(test_burst)
-        runs: list[tuple[str, float | None, float | None, Measurement, Workload]] = [
-            ("burst", None, None, test_burst, test_burst_w)]
+        run("test-burst", burst(shrink(test_w, max_requests=plan.burst_requests)))
+        cap_test = _capacity(ms["test-burst"])
         for load in plan.loads:
-            rate = load * cap_test
-            w = at_rate(test_w, rate)
-            runs.append((f"load-{load:g}", load, rate, run(f"test-{load:g}", w), w))
+            run(f"test-{load:g}", at_rate(test_w, load * cap_test))
     walls["engine_total"] = time.monotonic() - t_all
+    machine["loadavg_end"] = _loadavg()
+    return analyse(plan, out, info.to_dict(), ms, log=log, walls=walls, machine=machine)
+
+
+def recompare(out_dir: str | Path, plan: Plan | None = None, *, log=print) -> ValidationReport:
+    """Fit and compare again from the runs a previous :func:`validate` saved in ``out_dir/runs``
+    (no engine needed): to try a change of the fit or of the simulator on the same measurements.
+    ``plan`` must be the one the runs were made with (default: :func:`quick_plan`)."""
+    from validation.measure import load_measurement
+
+    out = Path(out_dir)
+    plan = plan or quick_plan()
+    names = [*RUN_NAMES[1:], *(f"test-{load:g}" for load in plan.loads)]
+    missing = [n for n in names if not (out / "runs" / n / "run.json").exists()]
+    if missing:
+        raise FleetsimError(f"{out / 'runs'}: run(s) {', '.join(missing)} missing (was it made with this plan?)")
+    ms = {n: load_measurement(out / "runs" / n) for n in names}
+    prev = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else {}
+    return analyse(plan, out, ms["fit"].engine.to_dict(), ms, log=log, walls=prev.get("wall_s", {}),
+                   machine=prev.get("machine", {}))
+
+
+def analyse(plan: Plan, out: Path, engine: dict, ms: dict[str, Measurement], *, log=print, walls: dict | None = None,
+            machine: dict | None = None) -> ValidationReport:
+    """Fit the profile on the fit trace's runs, simulate every held-out run, compare (steps 3-4)."""
+    t0 = time.monotonic()
+    walls = dict(walls or {})
+    model = plan.engine.model
+    fit_w, test_w = plan.fit.load(), plan.test.load()
+    cap_fit = _capacity(ms["fit-burst"])
+    fit_run_w = at_rate(fit_w, plan.fit_load * cap_fit)
+    train = pd.concat([ms["fit-burst"].steps, ms["fit"].steps], ignore_index=True)
+    fit = fit_step_time(train, target="cycle", seed=plan.seed)
+    profile = write_profile(out / "profile.json", fit, engine)
+    log(f"fit on {fit.n_train} steps: held-out (blocks) step MAPE {fit.heldout_mape:.1%} "
+        f"(elapsed part {fit.heldout_mape_elapsed:.1%}, {fit.window}-step windows {fit.heldout_mape_window:.1%})")
+    cap_test = _capacity(ms["test-burst"])
+    runs: list[tuple[str, float | None, float | None, Measurement, Workload]] = [
+        ("burst", None, None, ms["test-burst"], burst(shrink(test_w, max_requests=plan.burst_requests)))]
+    for load in plan.loads:
+        rate = load * cap_test
+        runs.append((f"load-{load:g}", load, rate, ms[f"test-{load:g}"], at_rate(test_w, rate)))
 
     simdir = out / "sim"
     simdir.mkdir(exist_ok=True)
+    # the client-side latency, measured on the fit run (never on the held-out trace)
+    latency_s, latency_n = client_latency(ms["fit"], simulate_measurement(ms["fit"], fit_run_w, profile, simdir,
+                                                                          model=model, seed=plan.seed))
+    if plan.client_latency is not None:
+        latency_s = plan.client_latency
+    log(f"client-side latency (fit run, {latency_n} requests admitted at once in the simulation): "
+        f"{latency_s * 1000:.1f} ms")
     results: list[LoadResult] = []
     heldout_steps = []
+    plots = []
+    coef = np.array(list(fit.coefficients.values()))
     for label, load, rate, m, w in runs:
         res = simulate_measurement(m, w, profile, simdir, model=model, seed=plan.seed)
-        real, simd = real_metrics(m), sim_metrics(res)
+        real, simd = real_metrics(m), sim_metrics(res, latency_s)
+        plots += _run_plot(out, label, m, res, latency_s)
         u = usable_steps(m.steps) if "reconstructed" in m.steps else m.steps.iloc[:0]
-        steps_mape = mape(feature_matrix(u) @ np.array(list(fit.coefficients.values())), u["period_s"].to_numpy()) \
-            if len(u) else None
+        steps_mape = mape(feature_matrix(u) @ coef, u["period_s"].to_numpy()) if len(u) else None
         if load is not None:
             heldout_steps.append(u)
         results.append(LoadResult(label, load, rate, real, simd, relative_errors(simd, real), steps_mape))
     held = pd.concat(heldout_steps, ignore_index=True) if heldout_steps else None
+    has_held = held is not None and len(held)
     fit_json = {
         "heldout_mape": fit.heldout_mape,
         "heldout_mape_window": fit.heldout_mape_window,
@@ -342,20 +425,42 @@ def validate(plan: Plan, out_dir: str | Path, *, attach_url: str | None = None, 
         "train_mape": fit.train_mape,
         "n_train": fit.n_train,
         "n_heldout": fit.n_heldout,
-        "test_trace_mape": (mape(feature_matrix(held) @ np.array(list(fit.coefficients.values())),
-                                 held["period_s"].to_numpy()) if held is not None and len(held) else None),
-        "test_trace_bias": (float(held["period_s"].sum() / (feature_matrix(held) @ np.array(list(
-            fit.coefficients.values()))).sum() - 1.0) if held is not None and len(held) else None),
+        "test_trace_mape": mape(feature_matrix(held) @ coef, held["period_s"].to_numpy()) if has_held else None,
+        "test_trace_bias": (float(held["period_s"].sum() / (feature_matrix(held) @ coef).sum() - 1.0)
+                            if has_held else None),
         "coefficients": fit.coefficients,
         "target": fit.target,
+        "client_latency_s": latency_s,
+        "client_latency_requests": latency_n,
     }
-    walls["total"] = time.monotonic() - t_all
+    walls["analysis"] = time.monotonic() - t0
+    walls["total"] = walls.get("engine_total", 0.0) + walls["analysis"]
     overhead = {name: m.replay.overhead for name, _, _, m, _ in runs}
     steps = {name: m.steps_report for name, _, _, m, _ in runs}
-    report = ValidationReport(info.to_dict(), fit_json, str(profile), {"fit_trace": cap_fit, "test_trace": cap_test},
-                              results, overhead, walls, steps)
+    report = ValidationReport(engine, fit_json, str(profile), {"fit_trace": cap_fit, "test_trace": cap_test},
+                              results, overhead, walls, steps, dict(machine or {}), plots)
     (out / "report.json").write_text(json.dumps(report.to_json(), indent=1, default=str) + "\n")
     return report
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except (OSError, ValueError):
+        return None
+
+
+def _run_plot(out: Path, label: str, m: Measurement, result, latency_s: float) -> list[str]:
+    """CDFs of TTFT / TPOT / E2E, real vs simulated, for one run (``cdf-<label>.png``)."""
+    from validation.plots import columns, plot_cdfs
+
+    real = m.replay.requests[m.replay.requests["status"] == "ok"]
+    sim_ok = result.requests[result.requests["status"] == "completed"].copy()
+    sim_ok["ttft_s"] = sim_ok["ttft_s"] + latency_s
+    sim_ok["e2e_s"] = sim_ok["e2e_s"] + latency_s
+    p = plot_cdfs({"real": columns(real), "sim": columns(sim_ok)}, out / f"cdf-{label}.png",
+                  title=f"validate: {label} ({m.name}), sim vs real vLLM {m.engine.vllm_version}")
+    return [str(p)] if p is not None else []
 
 
 def format_table(report: ValidationReport) -> str:

@@ -318,11 +318,31 @@ class VllmServer:
         self.proc = proc
         self.log_path = log_path
         self._log_file = None
+        self._t0 = time.monotonic()
+        self._startup_timeout_s = 900.0
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
     def launch(cls, spec: EngineSpec, workdir: str | Path) -> "VllmServer":
         """Start the server and block until ``/health`` answers (or raise :class:`EngineError`)."""
+        server = cls.start(spec, workdir)
+        server.wait_ready()
+        return server
+
+    def wait_ready(self) -> None:
+        """Block until a server made by :meth:`start` answers ``/health``; read its startup facts.
+        On failure the server is shut down and :class:`EngineError` raised."""
+        try:
+            self._wait_healthy(self._startup_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+        self.info.start_s = time.monotonic() - self._t0
+        self._read_startup_facts()
+
+    @classmethod
+    def start(cls, spec: EngineSpec, workdir: str | Path) -> "VllmServer":
+        """Start the server process and return at once (:meth:`wait_ready` waits for it)."""
         python = vllm_python()
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -364,13 +384,8 @@ class VllmServer:
                           omp_threads_bind=spec.omp_threads_bind, nice=effective_nice(spec), command=cmd)
         server = cls(url, info, proc, log_path)
         server._log_file = log_file
-        try:
-            server._wait_healthy(spec.startup_timeout_s)
-        except BaseException:
-            server.shutdown()
-            raise
-        info.start_s = time.monotonic() - t0
-        server._read_startup_facts()
+        server._t0 = t0
+        server._startup_timeout_s = spec.startup_timeout_s
         return server
 
     @classmethod

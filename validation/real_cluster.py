@@ -38,7 +38,6 @@ import math
 import os
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -307,26 +306,36 @@ class RouterRun:
     sim_requests: pd.DataFrame | None = None
 
 
+# A line the server logs once its model is compiled (and the compile cache written).
+_COMPILED_MARK = "Warming up done"
+
+
 def _launch_all(spec: EngineSpec, n: int, workdir: Path, log) -> list[VllmServer]:
-    """Start ``n`` servers in parallel, server i pinned to core ``i % cpus`` (its OpenMP threads too)."""
+    """Start ``n`` servers, server i pinned to core ``i % cpus`` (its OpenMP thread too).
+
+    The first compiles the model and writes vLLM's torch.compile cache; the others start once that
+    is done (they then load the cache instead of racing to write the same files) and in parallel.
+    Every server started is shut down if any fails."""
     cpus = os.cpu_count() or 1
     specs = [spec.model_copy(update={"engine_cpus": str(i % cpus), "omp_threads_bind": str(i % cpus)})
              for i in range(n)]
     log(f"starting {n} vLLM servers ({spec.model}, {spec.num_gpu_blocks_override} blocks of {spec.block_size}, "
-        f"budget {spec.max_num_batched_tokens}) on cores {', '.join(s.engine_cpus for s in specs)} ...")
+        f"budget {spec.max_num_batched_tokens}) on cores {', '.join(str(s.engine_cpus) for s in specs)} ...")
     servers: list[VllmServer] = []
-    with ThreadPoolExecutor(max_workers=n) as pool:
-        futs = [pool.submit(VllmServer.launch, s, workdir / f"engine-{i}") for i, s in enumerate(specs)]
-        errors = []
-        for f in futs:
-            try:
-                servers.append(f.result())
-            except Exception as e:  # noqa: BLE001 - shut the others down, then report
-                errors.append(e)
-        if errors:
-            for s in servers:
-                s.shutdown()
-            raise errors[0]
+    try:
+        first = VllmServer.start(specs[0], workdir / "engine-0")
+        servers.append(first)
+        deadline = time.monotonic() + spec.startup_timeout_s
+        while _COMPILED_MARK not in first.log_text() and first.alive() and time.monotonic() < deadline:
+            time.sleep(1.0)
+        for i, s in enumerate(specs[1:], 1):
+            servers.append(VllmServer.start(s, workdir / f"engine-{i}"))
+        for s in servers:
+            s.wait_ready()
+    except BaseException:
+        for s in servers:
+            s.shutdown()
+        raise
     return servers
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-COLUMNS = [("case", 28), ("requests", 9), ("replicas", 8), ("wall_s", 8), ("req_per_wall_s", 14),
+COLUMNS = [("case", 30), ("requests", 9), ("replicas", 8), ("wall_s", 8), ("cpu_s", 8), ("req_per_wall_s", 14),
            ("steps_per_wall_s", 16), ("realtime_factor", 15), ("peak_rss_mb", 11), ("gpu_busy_frac", 13),
            ("prefix_hit_rate", 15)]
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import heapq
 import math
-from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -159,7 +158,7 @@ class DecodeRun:
     """
 
     __slots__ = ("reqs", "B", "k", "ends", "c0", "L", "nc", "done", "pool_done",
-                 "ends_list", "allocs", "dc0", "times", "dmin", "dmax", "t0", "monotone")
+                 "memo", "allocs", "dc0", "times", "dmin", "dmax", "t0", "monotone")
 
     FIRST_CHUNK = 512  # step durations are computed in chunks growing x4: most runs are cut short
 
@@ -177,7 +176,7 @@ class DecodeRun:
         self.times = times  # (num_seqs, context_sum_start, n) -> step durations
         self.dmin = self.dmax = 0.0  # bounds of the computed step durations
         self.ends = np.empty(0)  # end times of the steps computed so far
-        self.ends_list: list[float] | None = None
+        self.memo = (-1.0, 0)  # (time, steps ended by then) of the last completed_steps() query
         self.done = 0  # steps applied to the requests
         self.pool_done = 0  # steps whose block operations are applied to the pool
 
@@ -209,7 +208,7 @@ class DecodeRun:
         else:
             self.ends = dts
             self.dmin, self.dmax = lo, hi
-        self.ends_list = None
+        self.memo = (-1.0, 0)
         return acc.item(n)
 
     @property
@@ -219,9 +218,11 @@ class DecodeRun:
 
     def completed_steps(self, now: float) -> int:
         """Steps of the run that ended at or before ``now``."""
-        if self.ends_list is None:
-            self.ends_list = self.ends.tolist()
-        return min(bisect_right(self.ends_list, now), self.k)
+        t, s = self.memo
+        if now != t:
+            s = int(self.ends.searchsorted(now, "right"))
+            self.memo = (now, s)
+        return min(s, self.k)
 
 
 class Engine:

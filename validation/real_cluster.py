@@ -33,6 +33,7 @@ Pieces:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -249,7 +250,7 @@ class ClusterPlan:
     replicas: int
     routers: list[str]
     engine: EngineSpec
-    requests: int = 160
+    requests: int = 120
     rate_per_s: float = 4.0
     system_prompts: int = 20
     system_prompt_tokens: int = 640
@@ -264,12 +265,14 @@ class ClusterPlan:
 
     @classmethod
     def quick(cls, replicas: int, routers: list[str], *, model: str = "tiny-llama", seed: int = 0) -> "ClusterPlan":
-        return cls(replicas=replicas, routers=list(routers), engine=_cluster_engine(model), seed=seed)
+        """CI size: 120 requests per run, every router twice (A B A B): ~2.5 min of replays."""
+        return cls(replicas=replicas, routers=list(routers), engine=_cluster_engine(model), requests=120, repeats=2,
+                   seed=seed)
 
     @classmethod
     def full(cls, replicas: int, routers: list[str], *, model: str = "tiny-llama", seed: int = 0) -> "ClusterPlan":
-        return cls(replicas=replicas, routers=list(routers), engine=_cluster_engine(model), requests=300,
-                   repeats=2, seed=seed)
+        return cls(replicas=replicas, routers=list(routers), engine=_cluster_engine(model), requests=240,
+                   repeats=3, seed=seed)
 
     def workload(self) -> Workload:
         from traces.config import WorkloadSpec, build_workload
@@ -386,6 +389,7 @@ class ClusterReport:
     overhead: dict
     wall_s: dict
     plots: list[str] = field(default_factory=list)
+    machine: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         from validation.from_logs import _finite
@@ -401,7 +405,7 @@ class ClusterReport:
             "ranking_matches": all(v["match"] for v in self.ranking.values()),
             "by_router": self.by_router, "runs": self.runs, "fit": self.fit, "error": err,
             "engine_config": self.engines, "plan": self.plan, "profile": self.profile,
-            "client_overhead": self.overhead, "wall_s": self.wall_s, "plots": self.plots,
+            "client_overhead": self.overhead, "wall_s": self.wall_s, "plots": self.plots, "machine": self.machine,
         })
 
 
@@ -435,10 +439,10 @@ def simulate_cluster_run(run: RouterRun, workload: Workload, plan: ClusterPlan, 
 
 
 def validate_cluster(plan: ClusterPlan, out_dir: str | Path, *, log: Callable[[str], None] = print) -> ClusterReport:
-    """The whole cluster-mode loop (module docstring). Artifacts go to ``out_dir``."""
+    """The whole cluster-mode loop (module docstring). Artifacts go to ``out_dir``; the runs are saved
+    so that :func:`reanalyse_cluster` can fit and simulate again without engines."""
     from policies.registry import make_router
     from sim.rng import stream
-    from validation.fit import fit_step_time, write_profile
     from validation.measure import vocab_size_of
     from validation.steps import parse_iteration_log, reconstruct_shapes
 
@@ -456,6 +460,7 @@ def validate_cluster(plan: ClusterPlan, out_dir: str | Path, *, log: Callable[[s
     out.mkdir(parents=True, exist_ok=True)
     walls: dict = {}
     t_all = time.monotonic()
+    machine = {"cpus": os.cpu_count(), "loadavg_start": _loadavg()}
     workload = plan.workload()
     vocab = vocab_size_of(plan.engine.model)
     servers = _launch_all(plan.engine, plan.replicas, out, log)
@@ -469,7 +474,10 @@ def validate_cluster(plan: ClusterPlan, out_dir: str | Path, *, log: Callable[[s
         for i in infos[1:]:
             if (i.block_size, i.num_gpu_blocks) != (bs, infos[0].num_gpu_blocks):
                 raise EngineError("servers started with different block sizes or KV sizes; cannot mirror them")
+        (out / "engines.json").write_text(json.dumps([i.to_dict() for i in infos], indent=1, default=str) + "\n")
         routing = routing_requests(workload, bs)
+        # interleaved (A B A B ...): a slow spell of the machine then hits every router, and the
+        # repeats show the run-to-run noise
         order = [(rep, name) for rep in range(plan.repeats) for name in plan.routers]
         warm = Workload(workload.df.iloc[: plan.warmup_requests].copy(), name="warmup",
                         hash_block_size=workload.hash_block_size)
@@ -479,9 +487,7 @@ def validate_cluster(plan: ClusterPlan, out_dir: str | Path, *, log: Callable[[s
             seed = (plan.seed * 1_000_003 + zlib.crc32(label.encode())) & 0xFFFFFFFF  # fresh prefix cache per run
             reqs = build_requests(w, block_size=bs, vocab_size=vocab, seed=seed, max_model_len=infos[0].max_model_len)
             if rep < 0:
-                import dataclasses as _dc
-
-                reqs = [_dc.replace(r, arrival_s=0.0) for r in reqs]
+                reqs = [dataclasses.replace(r, arrival_s=0.0) for r in reqs]
             router = make_router(name, **plan.router_params.get(name, {}))
             router.rng = stream(plan.seed, "router")
             views = [RealReplicaView(k, s.url, num_total_blocks=int(s.info.num_gpu_blocks), block_size=bs)
@@ -510,36 +516,97 @@ def validate_cluster(plan: ClusterPlan, out_dir: str | Path, *, log: Callable[[s
             ok = int((rr.requests["status"] == "ok").sum())
             log(f"  {label}: {ok}/{len(rr.requests)} ok in {rr.duration_s:.1f} s; requests per server "
                 + "/".join(str(int((rr.requests['replica'] == k).sum())) for k in range(plan.replicas)))
-            runs.append(RouterRun(name, rep, rr, steps, reports))
-            d = out / "runs" / label
-            d.mkdir(parents=True, exist_ok=True)
-            q = rr.requests.copy()
-            q["token_times"] = q["token_times"].map(list)
-            q.to_parquet(d / "requests.parquet", index=False)
-            rr.metrics.to_csv(d / "metrics.csv", index=False)
-            for k, st in steps.items():
-                st.to_csv(d / f"steps-{k}.csv", index=False)
+            run = RouterRun(name, rep, rr, steps, reports)
+            _save_run(out / "runs" / label, run)
+            runs.append(run)
     finally:
         for s in servers:
             s.shutdown()
     walls["engine_total"] = time.monotonic() - t_all
+    machine["loadavg_end"] = _loadavg()
+    return analyse_cluster(plan, out, infos, runs, workload=workload, walls=walls, machine=machine, log=log)
 
-    # one profile from every server's steps of every run (the profile does not depend on the router)
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except (OSError, ValueError):
+        return None
+
+
+def _save_run(d: Path, run: RouterRun) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    rr = run.replay
+    q = rr.requests.copy()
+    q["token_times"] = q["token_times"].map(list)
+    q.to_parquet(d / "requests.parquet", index=False)
+    rr.metrics.to_csv(d / "metrics.csv", index=False)
+    for k, st in run.steps.items():
+        st.to_csv(d / f"steps-{k}.csv", index=False)
+    (d / "run.json").write_text(json.dumps({
+        "router": run.router, "repeat": run.repeat, "t0_wall": rr.t0_wall, "duration_s": rr.duration_s,
+        "overhead": rr.overhead, "steps_report": {str(k): v for k, v in run.steps_report.items()}},
+        indent=1, default=str) + "\n")
+
+
+def _load_run(d: Path) -> RouterRun:
+    meta = json.loads((d / "run.json").read_text())
+    q = pd.read_parquet(d / "requests.parquet")
+    q["token_times"] = q["token_times"].map(list)
+    metrics = pd.read_csv(d / "metrics.csv") if (d / "metrics.csv").stat().st_size > 1 else pd.DataFrame()
+    steps = {int(p.stem.split("-")[-1]): pd.read_csv(p) for p in sorted(d.glob("steps-*.csv"))}
+    rr = ClusterReplay(q, metrics, meta["overhead"], meta["t0_wall"], meta["duration_s"])
+    return RouterRun(meta["router"], int(meta["repeat"]), rr, steps,
+                     {int(k): v for k, v in meta["steps_report"].items()})
+
+
+def reanalyse_cluster(out_dir: str | Path, plan: ClusterPlan, *, log: Callable[[str], None] = print) -> ClusterReport:
+    """Fit and simulate again from the runs :func:`validate_cluster` saved (no engines needed).
+    ``plan`` must be the one the runs were made with."""
+    out = Path(out_dir)
+    infos = [EngineInfo(**d) for d in json.loads((out / "engines.json").read_text())]
+    runs = [_load_run(out / "runs" / f"{name}-{rep}") for rep in range(plan.repeats) for name in plan.routers]
+    prev = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else {}
+    return analyse_cluster(plan, out, infos, runs, walls=prev.get("wall_s", {}), machine=prev.get("machine", {}),
+                           log=log)
+
+
+def _fit_profile(runs: list[RouterRun], path: Path, engine: dict, seed: int):
+    from validation.fit import fit_step_time, write_profile
+
     train = pd.concat([st for r in runs for st in r.steps.values() if "reconstructed" in st], ignore_index=True)
     if not len(train):
         raise FleetsimError("no reconstructed engine steps in any run: cannot fit a profile")
-    fit = fit_step_time(train, target="cycle", seed=plan.seed)
-    profile = write_profile(out / "profile.json", fit, infos[0].to_dict())
+    fit = fit_step_time(train, target="cycle", seed=seed)
+    return fit, write_profile(path, fit, engine)
+
+
+def _decode_step_ms(run: RouterRun) -> float | None:
+    """Median period of single-sequence decode steps over the run's servers: the machine's speed."""
+    parts = [st[(st["prefill_tokens"] == 0) & (st["decode_seqs"] == 1)]["period_s"].dropna()
+             for st in run.steps.values() if "prefill_tokens" in st]
+    v = pd.concat(parts) if parts else pd.Series(dtype=float)
+    return float(v.median() * 1000) if len(v) else None
+
+
+def analyse_cluster(plan: ClusterPlan, out: Path, infos: list[EngineInfo], runs: list[RouterRun], *,
+                    workload: Workload | None = None, walls: dict | None = None, machine: dict | None = None,
+                    log: Callable[[str], None] = print) -> ClusterReport:
+    """Fit the shared profile, simulate every run, rank the routers (module docstring)."""
+    from validation.fit import feature_matrix, usable_steps
+
+    t0 = time.monotonic()
+    walls = dict(walls or {})
+    workload = workload if workload is not None else plan.workload()
+    # one profile from every server's steps of every run (the profile does not depend on the router)
+    fit, profile = _fit_profile(runs, out / "profile.json", infos[0].to_dict(), plan.seed)
+    coef = np.array(list(fit.coefficients.values()))
     per_replica = {}
     for k in range(plan.replicas):  # how different are the servers? (one core each, shared with the client)
-        part = pd.concat([r.steps[k] for r in runs if "reconstructed" in r.steps[k]], ignore_index=True)
-        if len(part) > 30:
-            from validation.fit import feature_matrix, usable_steps
-
-            u = usable_steps(part)
-            if len(u):
-                pred = feature_matrix(u) @ np.array(list(fit.coefficients.values()))
-                per_replica[k] = float(u["period_s"].sum() / pred.sum() - 1.0)
+        parts = [r.steps[k] for r in runs if k in r.steps and "reconstructed" in r.steps[k]]
+        u = usable_steps(pd.concat(parts, ignore_index=True)) if parts else pd.DataFrame()
+        if len(u):
+            per_replica[k] = float(u["period_s"].sum() / (feature_matrix(u) @ coef).sum() - 1.0)
     log(f"fit on {fit.n_train} steps of {plan.replicas} servers: held-out step MAPE {fit.heldout_mape:.1%} "
         f"(10-step windows {fit.heldout_mape_window:.1%}); per-server bias "
         + ", ".join(f"{k}: {v:+.1%}" for k, v in per_replica.items()))
@@ -550,20 +617,29 @@ def validate_cluster(plan: ClusterPlan, out_dir: str | Path, *, log: Callable[[s
     for r in runs:
         res = simulate_cluster_run(r, workload, plan, infos[0], profile, simdir)
         r.real, r.sim = real_cluster_metrics(r.replay, plan.replicas), sim_cluster_metrics(res, plan.replicas)
+        r.sim_requests = res.requests
+        # diagnostic: the same simulation with a profile fitted on this run's own steps, which takes
+        # the machine's speed during this run out of the comparison (what is left is the policy and
+        # engine dynamics); never the headline
+        _, own = _fit_profile([r], simdir / f"profile-{r.router}-{r.repeat}.json", infos[0].to_dict(), plan.seed)
+        sim_own = sim_cluster_metrics(simulate_cluster_run(r, workload, plan, infos[0], own, simdir), plan.replicas)
+        u = usable_steps(pd.concat([st for st in r.steps.values() if "reconstructed" in st], ignore_index=True))
+        bias = float(u["period_s"].sum() / (feature_matrix(u) @ coef).sum() - 1.0) if len(u) else None
         err = {k: (r.sim[k] / r.real[k] - 1.0 if r.real.get(k) and math.isfinite(r.real[k]) and r.real[k] > 0
                    else None) for k in ("ttft_p50", "ttft_p90", "tpot_p50", "e2e_p50", "e2e_p90")}
         run_docs.append({"router": r.router, "repeat": r.repeat, "real": r.real, "sim": r.sim, "error": err,
-                         "steps": r.steps_report, "overhead": r.replay.overhead})
-        r.sim_requests = res.requests
+                         "sim_own_profile": sim_own, "decode_step_ms": _decode_step_ms(r),
+                         "step_time_bias": bias, "steps": r.steps_report, "overhead": r.replay.overhead})
 
     by_router: dict = {}
     for name in plan.routers:
         mine = [d for d in run_docs if d["router"] == name]
-        agg: dict = {"real": {}, "sim": {}, "real_spread": {}}
+        agg: dict = {"real": {}, "sim": {}, "sim_own_profile": {}, "real_spread": {}}
         for k in (*RANK_METRICS, "tpot_p50", "e2e_p50"):
             rv = [d["real"][k] for d in mine]
-            sv = [d["sim"][k] for d in mine]
-            agg["real"][k], agg["sim"][k] = float(np.mean(rv)), float(np.mean(sv))
+            agg["real"][k] = float(np.mean(rv))
+            agg["sim"][k] = float(np.mean([d["sim"][k] for d in mine]))
+            agg["sim_own_profile"][k] = float(np.mean([d["sim_own_profile"][k] for d in mine]))
             agg["real_spread"][k] = float(max(rv) - min(rv)) if len(rv) > 1 else None
         by_router[name] = agg
     ranks = {}
@@ -571,12 +647,16 @@ def validate_cluster(plan: ClusterPlan, out_dir: str | Path, *, log: Callable[[s
         hib = k == "prefix_hit_rate"
         real_v = {n: by_router[n]["real"][k] for n in plan.routers}
         sim_v = {n: by_router[n]["sim"][k] for n in plan.routers}
-        rr_, sr_ = ranking(real_v, hib), ranking(sim_v, hib)
+        own_v = {n: by_router[n]["sim_own_profile"][k] for n in plan.routers}
+        rr_, sr_, or_ = ranking(real_v, hib), ranking(sim_v, hib), ranking(own_v, hib)
         gap = (max(real_v.values()) - min(real_v.values())) if len(real_v) > 1 else 0.0
         spreads = [by_router[n]["real_spread"][k] for n in plan.routers if by_router[n]["real_spread"][k] is not None]
-        ranks[k] = {"real": rr_, "sim": sr_, "match": rr_ == sr_, "real_values": real_v, "sim_values": sim_v,
+        ranks[k] = {"real": rr_, "sim": sr_, "match": rr_ == sr_, "sim_own_profile": or_,
+                    "match_own_profile": rr_ == or_, "real_values": real_v, "sim_values": sim_v,
                     "real_gap": gap, "real_noise": max(spreads) if spreads else None}
     plots = _cluster_plots(out, runs)
+    walls["analysis"] = time.monotonic() - t0
+    walls["total"] = walls.get("engine_total", 0.0) + walls["analysis"]
     report = ClusterReport(
         plan={"replicas": plan.replicas, "routers": plan.routers, "requests": plan.requests,
               "rate_per_s": plan.rate_per_s, "system_prompts": plan.system_prompts,
@@ -588,7 +668,7 @@ def validate_cluster(plan: ClusterPlan, out_dir: str | Path, *, log: Callable[[s
              "heldout_bias": fit.heldout_bias, "n_train": fit.n_train, "coefficients": fit.coefficients,
              "per_server_bias": per_replica},
         profile=str(profile), overhead={d["router"] + f"-{d['repeat']}": d["overhead"] for d in run_docs},
-        wall_s={**walls, "total": time.monotonic() - t_all}, plots=plots)
+        wall_s=walls, plots=plots, machine=dict(machine or {}))
     (out / "report.json").write_text(json.dumps(report.to_json(), indent=1, default=str) + "\n")
     return report
 
@@ -618,6 +698,12 @@ def format_cluster_table(report: ClusterReport) -> str:
             cell = f"{r:.0%} / {s:.0%}" if k == "prefix_hit_rate" else f"{r * 1000:.0f} / {s * 1000:.0f} ms"
             row += f"{cell:>30}"
         lines.append(row)
+    row = f"{'sim, own profile':<18}"
+    for n in names:
+        o = report.by_router[n]["sim_own_profile"]
+        cell = "ttft p50 {:.0f} ms, hit {:.0%}".format(o["ttft_p50"] * 1000, o["prefix_hit_rate"])
+        row += f"{cell:>30}"
+    lines.append(row + "   (diagnostic: each run simulated with a profile fitted on its own steps)")
     lines.append("")
     for k, v in report.ranking.items():
         noise = v["real_noise"]

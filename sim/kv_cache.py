@@ -514,7 +514,7 @@ class PromptBlockHashes:
     requests; the rest hash with a key unique to the request (see ``EngineRequest.num_shared_blocks``).
     """
 
-    def __init__(self, workload, block_size: int, chunk: int = 32768):
+    def __init__(self, workload, block_size: int, chunk: int = 8192):
         import numpy as np
 
         from traces import hashing

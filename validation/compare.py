@@ -231,6 +231,9 @@ class LoadResult:
     sim: dict
     error: dict
     steps_mape: float | None  # fitted step-time model vs this run's measured periods
+    # sum(measured periods) / sum(predicted) - 1 on this run's steps: how much faster (< 0) or slower
+    # the engine ran than during the fit runs; on a shared machine the main error source
+    steps_bias: float | None = None
 
 
 @dataclass
@@ -265,7 +268,8 @@ class ValidationReport:
             "fit": self.fit,
             "error": self.worst_error(),
             "loads": [{"label": lr.label, "load": lr.load, "rate_req_s": lr.rate_req_s, "real": lr.real,
-                       "sim": lr.sim, "error": lr.error, "steps_mape": lr.steps_mape} for lr in self.loads],
+                       "sim": lr.sim, "error": lr.error, "steps_mape": lr.steps_mape, "steps_bias": lr.steps_bias}
+                      for lr in self.loads],
             "capacity_req_s": self.capacity_req_s,
             "engine_config": self.engine,
             "profile": self.profile,
@@ -412,9 +416,10 @@ def analyse(plan: Plan, out: Path, engine: dict, ms: dict[str, Measurement], *, 
         plots += _run_plot(out, label, m, res, latency_s)
         u = usable_steps(m.steps) if "reconstructed" in m.steps else m.steps.iloc[:0]
         steps_mape = mape(feature_matrix(u) @ coef, u["period_s"].to_numpy()) if len(u) else None
+        steps_bias = float(u["period_s"].sum() / (feature_matrix(u) @ coef).sum() - 1.0) if len(u) else None
         if load is not None:
             heldout_steps.append(u)
-        results.append(LoadResult(label, load, rate, real, simd, relative_errors(simd, real), steps_mape))
+        results.append(LoadResult(label, load, rate, real, simd, relative_errors(simd, real), steps_mape, steps_bias))
     held = pd.concat(heldout_steps, ignore_index=True) if heldout_steps else None
     has_held = held is not None and len(held)
     fit_json = {
@@ -488,4 +493,6 @@ def format_table(report: ValidationReport) -> str:
         lines.append(row)
     lines.append(f"{'step MAPE':<18}" + "".join(
         f"{(f'{lr.steps_mape:.1%}' if lr.steps_mape is not None else '-'):>22}" for lr in cols))
+    lines.append(f"{'step bias':<18}" + "".join(
+        f"{(f'{lr.steps_bias:+.1%}' if lr.steps_bias is not None else '-'):>22}" for lr in cols))
     return "\n".join(lines)

@@ -7,7 +7,7 @@ configuration; it gives no step timings. So the linear step-time profile
 requests with a candidate profile and the mirrored engine config, compare the simulated and measured
 latency distributions, and let ``scipy.optimize`` move the coefficients. The simulator is
 deterministic, so the objective is a plain function of the coefficients (piecewise smooth: a change
-of event order makes it jump a little, which is why the Jacobian uses finite steps of a few percent).
+of event order makes it jump a little).
 
 Steps (:func:`calibrate`):
 
@@ -689,11 +689,11 @@ def _finite(o):
 def _timeseries_comparison(run: LoggedRun, result) -> dict:
     """Time-averaged running / waiting / KV usage over the busy period, real (1 s gauges) vs sim."""
     ts = run.timeseries
-    if ts is None or not {"running", "waiting", "kv_cache_pct"} <= set(ts.columns):
+    if ts is None or not {"t", "running", "waiting", "kv_cache_pct"} <= set(ts.columns):
         return {}
     sim_ts = result.timeseries
     sim_ts = sim_ts[sim_ts["replica"] == 0]
-    end_real = float(run.real["arrival_s"].to_numpy()[-1] + 0)  # compare over the real gauges' span
+    # over the real gauges' span (their t counts seconds from the start of the run)
     real = {"running_mean": float(ts["running"].mean()), "waiting_mean": float(ts["waiting"].mean()),
             "kv_usage_mean": float(ts["kv_cache_pct"].mean() / 100.0), "span_s": float(ts["t"].max())}
     s = sim_ts[(sim_ts["time_s"] >= 1.0) & (sim_ts["time_s"] <= real["span_s"])]
@@ -701,7 +701,6 @@ def _timeseries_comparison(run: LoggedRun, result) -> dict:
             "waiting_mean": float(s["vllm:num_requests_waiting"].mean()),
             "kv_usage_mean": float(s["vllm:kv_cache_usage_perc"].mean()),
             "span_s": float(result.requests["finish_s"].max())}
-    del end_real
     return {"real": real, "sim": simd}
 
 

@@ -22,12 +22,15 @@ Pieces:
 - :func:`replay_cluster`: an asyncio open-loop client like :mod:`validation.replay`, but each
   request is routed at its send time by the router (``route`` -> ``on_routed``; ``on_finished``
   when its stream ends), and every server's ``/metrics`` is scraped.
-- :func:`validate_cluster`: starts the servers (in parallel, each pinned to its own core), runs
-  every router on the same workload (fresh token-id salt per run, so no run hits another's
-  cache), reconstructs each server's steps from its own log, fits *one* linear profile on all of
-  them, simulates each run (N replicas, the same router policy, actual send times as arrivals,
-  mirrored engine config), and compares. Repeats (``repeats > 1``, interleaved A B A B) measure the
-  real runs' noise, which the report states next to the gap between the routers.
+- :func:`validate_cluster`: starts the servers (each pinned to its own core; the first compiles the
+  model, the rest start from its compile cache), runs every router on the same workload (fresh
+  token-id salt per run, so no run hits another's cache), reconstructs each server's steps from its
+  own log, fits *one* linear profile on all of them, simulates each run (N replicas, the same router
+  policy, actual send times as arrivals, mirrored engine config), and compares. Repeats
+  (``repeats > 1``, interleaved A B A B) measure the real runs' noise, which the report states next
+  to the gap between the routers; a diagnostic also simulates each run with a profile fitted on its
+  own steps (the machine's speed during that run taken out). :func:`reanalyse_cluster` redoes the
+  analysis from the saved runs.
 """
 
 from __future__ import annotations

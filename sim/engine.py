@@ -148,7 +148,7 @@ class DecodeRun:
       prefix hit is evicted, which happens only when that (free) block is popped -- the run stops
       before the step that would pop it;
     - an arrival (or anything else the replica is told about): the replica truncates the run to the
-      step in flight (:meth:`truncate`).
+      step in flight (:meth:`Engine.truncate_run`).
 
     Allocations pop the free queue in (step, running position) order; since nothing is pushed during
     a run they are exactly the first blocks of the queue, replayed in that order, so block ids,
@@ -160,7 +160,7 @@ class DecodeRun:
     __slots__ = ("reqs", "B", "k", "ends", "c0", "L", "nc", "done", "pool_done",
                  "memo", "allocs", "dc0", "times", "dmin", "dmax", "t0", "monotone")
 
-    FIRST_CHUNK = 512  # step durations are computed in chunks growing x4: most runs are cut short
+    FIRST_CHUNK = 512  # step durations are computed in chunks (512, then x4 in total): many runs are cut short
 
     def __init__(self, reqs, c0, L, nc, k, allocs, times, t0, monotone=False):
         self.reqs: list[EngineRequest] = reqs

@@ -152,5 +152,5 @@ def build_cluster_config(sc: Scenario, *, progress: bool = False) -> tuple[Clust
         failures=FailureConfig(mtbf_s=f.mtbf_s, inject=inject, on_failure=f.on_failure,
                                max_retries=f.max_retries, replace=f.replace),
         sample_interval_s=sc.metrics.sample_interval_s, slo=slo, seed=sc.seed, progress=progress,
-        closed_loop=sc.workload.closed_loop)
+        closed_loop=sc.workload.closed_loop, engine_fast_forward=sc.cluster.engine_fast_forward)
     return cfg, dep

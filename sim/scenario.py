@@ -75,6 +75,8 @@ class ClusterSpec(_Strict):
     initial_cold_start: bool = False
     failures: FailureSpec = Field(default_factory=FailureSpec)
     usd_per_gpu_hour: float | None = Field(None, ge=0)  # override the catalog price
+    # Exact fast-forward of steady decode runs (docs/performance.md); false = one event per step.
+    engine_fast_forward: bool = True
 
 
 class RouterSpec(BaseModel):

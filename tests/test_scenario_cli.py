@@ -103,3 +103,11 @@ def test_default_scenario_contract():
     sc = load_scenario(None)
     assert sc.workload.trace == "azure2023-conv" and sc.cluster.gpu == "H100-80GB"
     assert sc.cluster.model == "llama-3.1-8b" and sc.cluster.replicas >= 2
+
+
+def test_naive_path_switch_in_scenario_gives_same_results():
+    base = {"workload": {"trace": "azure2023-conv", "max_requests": 400}, "cluster": {"replicas": 2}}
+    fast = sim.run(base)
+    naive = sim.run(base, overrides=["cluster.engine_fast_forward=false"])
+    assert naive.summary["engine_steps"] == fast.summary["engine_steps"]
+    assert (abs(naive.requests.e2e_s - fast.requests.e2e_s) <= 1e-9 * fast.requests.e2e_s).all()

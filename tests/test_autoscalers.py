@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from tests.fakes import FakeView  # noqa: E402
+
 from policies import ClusterView, ReplicaState, make_autoscaler
 from policies.cold_start import PRESETS, ColdStartDistribution
 from sim.errors import ConfigError
@@ -15,21 +17,6 @@ from sim.errors import ConfigError
 S, ST, DR = ReplicaState.SERVING, ReplicaState.STARTING, ReplicaState.DRAINING
 
 
-@dataclass
-class FakeView:
-    replica_id: int
-    state: ReplicaState = S
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_usage: float = 0.0
-    num_free_blocks: int = 1000
-    num_total_blocks: int = 1000
-    block_size: int = 16
-    inflight_requests: int = 0
-    inflight_tokens: int = 0
-
-    def cached_prefix_blocks(self, block_hashes) -> int:
-        return 0
 
 
 def cluster(now=0.0, serving=0, starting=0, draining=0, arrivals=0, waiting=0, **gauges) -> ClusterView:

@@ -283,6 +283,10 @@ class BlockPool:
         for b in blocks:
             bh[b] = UNIQUE
 
+    def num_cached_hashes(self) -> int:
+        """Entries vLLM's hash map would hold: indexed hashes plus lazily registered unique blocks."""
+        return len(self.cached) + sum(1 for h in self.block_hash if h is UNIQUE)
+
     def cache_blocks(self, blocks: Sequence[int], hashes: Sequence[int]) -> None:
         """``cache_block`` for each pair, in order."""
         if self.cached.keys().isdisjoint(hashes):  # no duplicate content: the common case

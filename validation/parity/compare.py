@@ -108,7 +108,7 @@ def run_fleetsim(sc: ParityScenario) -> list[StepRecord]:
             "free_blocks_after_schedule": free_after_schedule,
             "free_blocks": kv.num_free_blocks,
             "kv_usage": kv.usage(),
-            "num_cached_hashes": len(kv.pool.cached),
+            "num_cached_hashes": kv.pool.num_cached_hashes(),
             "prefix_queries": kv.prefix_queries - q0,
             "prefix_hits": kv.prefix_hits - h0,
         })

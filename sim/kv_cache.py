@@ -499,6 +499,8 @@ class KVCacheManager:
         req.num_cached_blocks = 0
 
     def record_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        if not self.enable_caching:
+            return  # vLLM's record_prefix_cache_stats records nothing with caching off
         self.prefix_queries += num_tokens
         self.prefix_hits += num_hit_tokens
 

@@ -33,8 +33,6 @@ FULL_ISL = ("fleetsim does not model vLLM's scheduler_reserve_full_isl (default 
             "blocks; fleetsim checks only the first chunk (sim/engine.py WAITING loop)")
 LONG_PREFILL = ("known deviation (docs/architecture.md): vLLM ignores long_prefill_token_threshold "
                 "when only one request is running or waiting; fleetsim always applies it")
-STATS_NO_CACHE = ("fleetsim counts prefix-cache queries with prefix caching disabled; vLLM's "
-                  "KVCacheManager.record_prefix_cache_stats records nothing then")
 
 # scenario -> xfail reason (scheduling or KV accounting differs).
 XFAIL = {
@@ -43,8 +41,6 @@ XFAIL = {
     "random_priority": FULL_ISL,
     "long_prefill_threshold_alone": LONG_PREFILL,
 }
-# Scenarios whose scheduling matches but whose prefix-cache counters do not (tested separately).
-STATS_ONLY_XFAIL = {"preemption_fcfs_no_prefix_cache": STATS_NO_CACHE}
 
 
 @pytest.fixture(scope="module")
@@ -95,15 +91,7 @@ def _param(name: str):
 
 @pytest.mark.parametrize("name", [_param(n) for n in SCENARIOS])
 def test_scheduler_parity(name: str, vllm_runs):
-    fields = SCHEDULING_FIELDS if name in STATS_ONLY_XFAIL else SCHEDULING_FIELDS + PREFIX_STAT_FIELDS
-    _assert_parity(name, vllm_runs, fields)
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=[*engine_slow, pytest.mark.xfail(strict=True, reason=r)], id=n)
-    for n, r in STATS_ONLY_XFAIL.items()])
-def test_prefix_cache_counters(name: str, vllm_runs):
-    _assert_parity(name, vllm_runs, PREFIX_STAT_FIELDS)
+    _assert_parity(name, vllm_runs, SCHEDULING_FIELDS + PREFIX_STAT_FIELDS)
 
 
 @pytest.mark.engine

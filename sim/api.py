@@ -53,16 +53,17 @@ class Result:
         return self.timeseries[self.timeseries["replica"] == -1].set_index("time_s")
 
 
-def json_safe(d: dict) -> dict:
-    """NaN/inf become null so the JSON is standard."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, float) and not math.isfinite(v):
-            v = None
-        elif hasattr(v, "item"):
-            v = v.item()
-        out[k] = v
-    return out
+def json_safe(o):
+    """A JSON-standard copy: NaN/inf become null, numpy scalars become Python ones, recursively."""
+    if isinstance(o, dict):
+        return {k: json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [json_safe(v) for v in o]
+    if hasattr(o, "item") and not hasattr(o, "__len__"):  # numpy scalar
+        o = o.item()
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return o
 
 
 def run(scenario: Scenario | dict | str | Path | None = None, *, progress: bool = False,

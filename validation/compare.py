@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from sim.api import json_safe
 import pandas as pd
 
 from sim.errors import FleetsimError
@@ -260,7 +262,7 @@ class ValidationReport:
 
     def to_json(self) -> dict:
         requests = sum(lr.real["requests"] for lr in self.loads)
-        return _finite({
+        return json_safe({
             "engine": "vllm-cpu" if self.engine.get("device") == "cpu" else (
                 "url" if self.engine.get("attached") else "vllm"),
             "vllm_version": self.engine.get("vllm_version"),
@@ -279,18 +281,6 @@ class ValidationReport:
             "machine": self.machine,
             "plots": self.plots,
         })
-
-
-def _finite(o):
-    if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_finite(v) for v in o]
-    if isinstance(o, (np.floating, float)):
-        return float(o) if math.isfinite(o) else None
-    if isinstance(o, np.integer):
-        return int(o)
-    return o
 
 
 def _capacity(m: Measurement) -> float:

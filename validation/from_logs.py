@@ -51,6 +51,8 @@ from pathlib import Path
 from typing import Callable, Literal, Sequence
 
 import numpy as np
+
+from sim.api import json_safe
 import pandas as pd
 
 from sim.errors import ConfigError, TraceError
@@ -644,7 +646,7 @@ class LogCalibration:
 
     def to_json(self) -> dict:
         held = self.tables["heldout"]
-        return _finite({
+        return json_safe({
             "engine": "logs",
             "source": str(self.run.directory),
             "vllm_version": self.run.engine.vllm_version,
@@ -672,20 +674,6 @@ class LogCalibration:
         })
 
 
-def _finite(o):
-    if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_finite(v) for v in o]
-    if isinstance(o, (np.floating, float)):
-        return float(o) if math.isfinite(o) else None
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.bool_):
-        return bool(o)
-    return o
-
-
 def _timeseries_comparison(run: LoggedRun, result) -> dict:
     """Time-averaged running / waiting / KV usage over the busy period, real (1 s gauges) vs sim."""
     ts = run.timeseries
@@ -709,7 +697,7 @@ def write_profile(path: Path, coefficients: dict[str, float], run: LoggedRun, fi
            "engine": run.engine.to_dict(), "fit": {"from": "request logs (simulation-based search)",
                                                     "source": str(run.directory), **fit}}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_finite(doc), indent=1) + "\n")
+    path.write_text(json.dumps(json_safe(doc), indent=1) + "\n")
     LinearStepTime.from_file(path)
     return path
 

@@ -395,13 +395,13 @@ class ClusterReport:
     machine: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        from validation.from_logs import _finite
+        from sim.api import json_safe
 
         err = {}
         for m in ("ttft_p50", "ttft_p90"):
             vals = [r["error"].get(m) for r in self.runs if r["error"].get(m) is not None]
             err[m] = max(vals, key=abs) if vals else None
-        return _finite({
+        return json_safe({
             "engine": "vllm-cpu-cluster", "vllm_version": self.engines[0].get("vllm_version") if self.engines else None,
             "replicas": len(self.engines), "requests": int(sum(r["real"]["requests"] for r in self.runs)),
             "routers": list(self.by_router), "ranking": self.ranking,

@@ -216,6 +216,28 @@ class DecodeRun:
         """When the engine must be woken: the end of the run, or of the last computed chunk."""
         return self.ends.item(min(self.k, len(self.ends)) - 1)
 
+    def end_of(self, j: int) -> float:
+        """End time of step ``j`` (1-based; ``end_of(0)`` is the run's start)."""
+        return self.ends.item(j - 1) if j else self.t0
+
+    def emit_itl(self, on_itl, on_itl_many, lo: int, s: int) -> None:
+        """Inter-token gaps of steps ``lo+1..s`` (every request's gap is the step's end minus the
+        previous end), each counted ``B`` times."""
+        ends = self.ends
+
+        def gaps() -> np.ndarray:
+            prev = ends[lo - 1:s - 1] if lo else np.concatenate(([self.t0], ends[:s - 1]))
+            return ends[lo:s] - prev
+
+        if on_itl_many is not None:
+            t_last = ends.item(s - 1)
+            # A gap differs from its step duration by at most an ulp of the end time.
+            eps = 4.0 * math.ulp(t_last)
+            on_itl_many(gaps, self.B, s - lo, self.dmin - eps, self.dmax + eps, t_last - self.end_of(lo))
+        else:
+            for g in gaps().tolist():
+                on_itl(g, self.B)
+
     def completed_steps(self, now: float) -> int:
         """Steps of the run that ended at or before ``now``."""
         t, s = self.memo
@@ -223,6 +245,75 @@ class DecodeRun:
             s = int(self.ends.searchsorted(now, "right"))
             self.memo = (now, s)
         return min(s, self.k)
+
+
+class AffineDecodeRun(DecodeRun):
+    """A :class:`DecodeRun` whose step ends are known in closed form.
+
+    When a pure-decode step takes ``T + g * decode_context`` (``decode_run_affine`` of the linear
+    and roofline models), step ``j`` of a run takes ``d1 + a * (j - 1)`` with ``d1 = T + g * dc0``
+    and ``a = g * B`` (the context sum grows by ``B`` per step), so step ``j`` ends at
+    ``t0 + j * d1 + a * j * (j - 1) / 2``. Nothing is computed per step: planning, truncating,
+    observing and applying a run cost the same whatever its length. The ends equal the naive
+    path's running sum ``now + dt`` to round-off (the sum accumulates ~one ulp of the clock per
+    step; the closed form does not), see docs/performance.md.
+    """
+
+    __slots__ = ("d1", "a")
+
+    def __init__(self, reqs, c0, L, nc, k, allocs, t0, T: float, g: float):
+        super().__init__(reqs, c0, L, nc, k, allocs, None, t0, True)
+        self.d1 = T + g * self.dc0  # duration of step 1
+        self.a = g * self.B  # growth of the duration per step
+        self.dmin = self.d1
+
+    @property
+    def computed(self) -> int:
+        return self.k
+
+    def extend(self, t_start: float) -> float:
+        return self.end_of(self.k)
+
+    def end_of(self, j: int) -> float:
+        return self.t0 + (j * self.d1 + self.a * (j * (j - 1) // 2)) if j else self.t0
+
+    @property
+    def end_time(self) -> float:
+        return self.end_of(self.k)
+
+    def completed_steps(self, now: float) -> int:
+        t, s = self.memo
+        if now == t:
+            return s
+        k = self.k
+        x = now - self.t0
+        a, d1 = self.a, self.d1
+        # Solve a*j*(j-1)/2 + d1*j = x for j, then settle the rounding against end_of itself.
+        if x <= 0:
+            j = 0
+        elif a > 0:
+            b = d1 - 0.5 * a
+            j = int((math.sqrt(b * b + 2.0 * a * x) - b) / a)
+        else:
+            j = int(x / d1)
+        j = min(max(j, 0), k)
+        end_of = self.end_of
+        while j < k and end_of(j + 1) <= now:
+            j += 1
+        while j > 0 and end_of(j) > now:
+            j -= 1
+        self.memo = (now, j)
+        return j  # truncate_run only shrinks k to completed + 1, so a memoised j stays <= k
+
+    def emit_itl(self, on_itl, on_itl_many, lo: int, s: int) -> None:
+        # The gaps of steps lo+1..s are an arithmetic progression: d1 + a*lo, step a, s - lo terms.
+        first = self.d1 + self.a * lo
+        n = s - lo
+        if on_itl_many is not None and hasattr(on_itl_many, "progression"):
+            on_itl_many.progression(first, self.a, n, self.B)
+        else:
+            for i in range(n):
+                on_itl(first + self.a * i, self.B)
 
 
 class Engine:
@@ -600,6 +691,15 @@ class Engine:
                             break
                     if k < min_steps:
                         return None
+        affine = getattr(step_model, "decode_run_affine", None)
+        if affine is not None:
+            Tg = affine(B)
+            if Tg is not None and Tg[0] > 0 and Tg[1] >= 0:
+                run = AffineDecodeRun(list(running), c0, L, nc, k, allocs, now, Tg[0], Tg[1])
+                self._run = run
+                self.kv.pending_sync = self.sync
+                self.kv.pending_blocks = self._pending_blocks
+                return run.end_time
         fn = getattr(step_model, "decode_run_times", None)
         monotone = fn is not None and getattr(step_model, "decode_run_monotone", False)
         if fn is None:
@@ -621,7 +721,7 @@ class Engine:
         run = self._run
         if run is None or run.computed >= run.k:
             return None
-        return run.extend(run.ends.item(-1))
+        return run.extend(run.end_of(run.computed))
 
     def truncate_run(self, now: float) -> float:
         """Something arrived at ``now``: the run ends with the step in flight. Returns its end time."""
@@ -694,8 +794,7 @@ class Engine:
     def _apply_run_steps(self, run: DecodeRun, q: int, s: int) -> None:
         """Token accounting of steps q+1..s: counters, token times, ITL histogram, busy time."""
         d = s - q
-        ends = run.ends
-        t_last = ends.item(s - 1)
+        t_last = run.end_of(s)
         on_itl = self._on_itl
         if on_itl is not None:
             lo = max(q, 1)
@@ -705,7 +804,7 @@ class Engine:
                     lo = 0  # all sampled at the run's start: step 1's gaps are like the others
                 else:
                     # Step 1: each request's gap since its own last token (as update() computes it).
-                    t1 = ends.item(0)
+                    t1 = run.end_of(1)
                     itl_count = 0
                     itl_value = 0.0
                     for r in run.reqs:
@@ -719,19 +818,7 @@ class Engine:
                     if itl_count:
                         on_itl(itl_value, itl_count)
             if s > lo:
-                # Steps lo+1..s: every request's gap is the step's end minus the previous end.
-                def gaps() -> np.ndarray:
-                    prev = ends[lo - 1:s - 1] if lo else np.concatenate(([run.t0], ends[:s - 1]))
-                    return ends[lo:s] - prev
-
-                t_prev = ends.item(lo - 1) if lo else run.t0
-                if self._on_itl_many is not None:
-                    # A gap differs from its step duration by at most an ulp of the end time.
-                    eps = 4.0 * math.ulp(t_last)
-                    self._on_itl_many(gaps, run.B, s - lo, run.dmin - eps, run.dmax + eps, t_last - t_prev)
-                else:
-                    for g in gaps().tolist():
-                        on_itl(g, run.B)
+                run.emit_itl(on_itl, self._on_itl_many, lo, s)
         for r in run.reqs:
             r.num_computed_tokens += d
             r.num_tokens += d
@@ -740,7 +827,7 @@ class Engine:
         self._steps += d
         self._tokens_generated += d * run.B
         # GPU-busy time: the steps' durations, as the elapsed time of the run (equal to round-off).
-        self.busy_s += t_last - (ends.item(q - 1) if q else run.t0)
+        self.busy_s += t_last - run.end_of(q)
 
 
 def _alloc_counter(first: list[int], bs: int) -> Callable[[int], int]:

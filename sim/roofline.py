@@ -213,6 +213,32 @@ class RooflineStepTime:
     # with the context (the engine's fast-forward relies on this for its ITL histogram bounds).
     decode_run_monotone = True
 
+    def decode_run_affine(self, num_seqs: int) -> tuple[float, float] | None:
+        """``(T, g)`` with ``step_time(decode_seqs=num_seqs, decode_context=dc) == T + g * dc`` to
+        round-off, or ``None`` if the model is not affine in the context for this batch.
+
+        In a pure-decode step both attention terms are proportional to the context sum ``dc``
+        (``prefill_attn`` is 0), so ``hypot(A * dc, M * dc) = dc * hypot(A, M)``: the step time is
+        affine in ``dc`` and a decode run's step ends have a closed form (sim.engine.AffineDecodeRun).
+        """
+        tokens = seqs = num_seqs
+        t = self.step_overhead_s + self.per_seq_overhead_s * seqs
+        if tokens <= 0:
+            return None
+        gemm_c = (self._gemm_flops_per_token * tokens + self._lm_head_flops_per_seq * seqs) / self._gemm_flops_s
+        w = self._fixed_weight_bytes
+        if self.model.is_moe:
+            w += self.model.num_layers * self.experts_touched(tokens) * self._expert_bytes
+        t += math.hypot(gemm_c, w / self._mem_bytes_s)
+        tp = self.tensor_parallel
+        if tp > 1:
+            t += 2 * self.model.num_layers * (
+                self.comm_latency_s
+                + 2.0 * (tp - 1) / tp * tokens * self._allreduce_bytes_per_token / self._link_bytes_s)
+        if t <= 0:
+            return None  # step_time() would clamp: not affine
+        return t, math.hypot(self._attn_flops_per_pair / self._attn_flops_s, self._kv_bytes_per_token / self._mem_bytes_s)
+
     def decode_run_times(self, num_seqs: int, context_sum_start: int, k: int, out=None):
         """Durations of ``k`` consecutive decode-only steps (``num_seqs`` sequences, context sum
         ``context_sum_start`` growing by ``num_seqs`` per step), for the engine's exact fast-forward.

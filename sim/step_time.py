@@ -50,7 +50,13 @@ class BatchShape:
 
 
 class StepTimeModel(Protocol):
-    """Maps a step's shape to its duration in seconds. Must be deterministic and > 0."""
+    """Maps a step's shape to its duration in seconds. Must be deterministic and > 0.
+
+    Optional, for the engine's exact fast-forward of decode runs (sim.engine): ``decode_run_affine(
+    num_seqs) -> (T, g) | None`` if a pure-decode step takes ``T + g * decode_context`` (closed-form
+    run ends, cheapest), else ``decode_run_times(num_seqs, context_sum_start, k, out)`` (vectorised
+    durations), else the engine calls ``step_time`` per step of a run.
+    """
 
     name: str
 
@@ -129,6 +135,13 @@ class LinearStepTime:
 
     # decode_run_times() is nondecreasing: every term is a monotone float function of the context.
     decode_run_monotone = True
+
+    def decode_run_affine(self, num_seqs: int) -> tuple[float, float]:
+        """``(T, g)`` with ``step_time(decode_seqs=num_seqs, decode_context=dc) == T + g * dc`` (to
+        round-off): a pure-decode step is affine in its context sum, so the engine's fast-forward
+        can compute the end of any step of a run in closed form (sim.engine.AffineDecodeRun)."""
+        c = self.coef
+        return c[0] + c[3] * num_seqs + c[5] * num_seqs, c[4]
 
     def decode_run_times(self, num_seqs: int, context_sum_start: int, k: int, out=None):
         """Durations of ``k`` consecutive decode-only steps of ``num_seqs`` sequences whose context

@@ -5,6 +5,12 @@ one ``schedule``/``update`` pair and one SimPy event per engine step. The fast p
 decode runs at once (sim.engine.DecodeRun) and materialises their state lazily. Compared here, on
 randomized workloads: every per-request column, the engine step count, the sampled time series
 (which reads replica state *during* runs), the ITL histogram, and the KV state of engines.
+
+Two fast paths are covered: closed-form run ends (``AffineDecodeRun``, models with
+``decode_run_affine``: the default) and chunked vectorised durations (``DecodeRun``, other models;
+forced here by the ``small_chunks`` fixture, which also makes the chunks tiny). Times are compared to
+round-off: the naive clock is a running sum ``now + dt`` that drifts by ~an ulp per step, the closed
+form does not (absolute tolerance 1e-9 s on runs of a few hundred simulated seconds).
 """
 
 import math
@@ -21,6 +27,8 @@ from sim.cluster import Cluster, ClusterConfig, FailureConfig
 from sim.engine import DecodeRun, Engine, EngineConfig, EngineRequest
 from sim.replica import NAIVE_ENV, fast_forward_default
 from sim.step_time import BatchShape, LinearStepTime
+
+ROUND_OFF = dict(check_exact=False, rtol=1e-9, atol=1e-9)
 from traces.schema import LIST_DTYPE, Workload, engine_block_hashes
 
 LIN = LinearStepTime({"const": 0.004, "prefill_tokens": 6e-5, "prefill_attn": 1e-9, "decode_seqs": 2e-4,
@@ -91,21 +99,28 @@ def _run(w: Workload, fast: bool, *, eng: dict, router: str = "round-robin", **k
 
 def _assert_same(a, b):
     (ca, oa), (cb, ob) = a, b
-    pd.testing.assert_frame_equal(oa.requests[COLS], ob.requests[COLS], check_exact=False, rtol=1e-12, atol=0)
+    pd.testing.assert_frame_equal(oa.requests[COLS], ob.requests[COLS], **ROUND_OFF)
     assert oa.summary["engine_steps"] == ob.summary["engine_steps"]
     assert oa.summary["preemptions"] == ob.summary["preemptions"]
     assert oa.summary["prefix_hit_rate"] == ob.summary["prefix_hit_rate"]
     # The sampler reads replicas while runs are in flight: gauges must be the naive ones.
-    pd.testing.assert_frame_equal(oa.timeseries, ob.timeseries, check_exact=False, rtol=1e-12, atol=0)
+    pd.testing.assert_frame_equal(oa.timeseries, ob.timeseries, **ROUND_OFF)
     assert np.array_equal(ca.itl.counts, cb.itl.counts)
     assert math.isclose(ca.itl.sum, cb.itl.sum, rel_tol=1e-9)
     assert [r.busy_s for r in ca.replicas] == pytest.approx([r.busy_s for r in cb.replicas], rel=1e-9)
 
 
+def _chunked_runs(m, tiny: bool = True) -> None:
+    """Force the chunked-durations fast path (no closed form), with tiny chunks so that runs are
+    extended many times (the replica's wake-ups at chunk ends drive that)."""
+    if tiny:
+        m.setattr(DecodeRun, "FIRST_CHUNK", 2)
+    m.setattr(LinearStepTime, "decode_run_affine", lambda self, num_seqs: None)
+
+
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Tiny chunks of precomputed step durations, so runs are extended many times."""
-    monkeypatch.setattr(DecodeRun, "FIRST_CHUNK", 2)
+    _chunked_runs(monkeypatch)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -136,7 +151,7 @@ def test_fast_forward_matches_naive(seed, n, rate, blocks, budget, seqs, policy,
     w = _workload(seed, n, rate, families, max_prompt=min(600, max_len // 2), max_out=min(150, max_len // 2))
     with monkeypatch.context() as m:
         if chunks:
-            m.setattr(DecodeRun, "FIRST_CHUNK", 2)
+            _chunked_runs(m)
         _assert_same(_run(w, False, eng=eng, router=router, replicas=replicas),
                      _run(w, True, eng=eng, router=router, replicas=replicas))
 
@@ -236,8 +251,11 @@ def _state(e: Engine):
             e.kv.pool.free_queue.to_list(), e.kv.num_free_blocks, e.steps, e.tokens_generated)
 
 
+@pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("cut", [1, 2, 7, 16, 17, 40])
-def test_engine_run_truncated_matches_naive_steps(cut):
+def test_engine_run_truncated_matches_naive_steps(cut, affine, monkeypatch):
+    if not affine:
+        _chunked_runs(monkeypatch, tiny=False)  # no replica here to extend the chunks
     cfg = EngineConfig(num_gpu_blocks=200, max_num_batched_tokens=4096, max_num_seqs=8)
     t, (naive, fast) = _engine_pair(cfg, [(0, 100, 90), (1, 37, 70), (2, 250, 80)])
     # Prefill both identically, naive steps.
@@ -257,11 +275,53 @@ def test_engine_run_truncated_matches_naive_steps(cut):
         times.append(times[-1] + LIN.step_time(p.shape))
         naive.update(p, times[-1])
     t["now"] = (times[-2] + times[-1]) / 2  # an arrival in the middle of step `cut`
-    assert fast.truncate_run(t["now"]) == times[-1]
+    end = fast.truncate_run(t["now"])
+    assert end == (pytest.approx(times[-1], rel=1e-15, abs=0) if affine else times[-1])
     fast.kv.pool.check_invariants()
-    t["now"] = times[-1]
-    assert fast.run_wake(times[-1]) is None
-    fast.finish_run(times[-1])
-    assert _state(fast) == _state(naive)
+    t["now"] = end
+    assert fast.run_wake(end) is None
+    fast.finish_run(end)
+    sf, sn = _state(fast), _state(naive)
+    if affine:  # token times to round-off; everything else identical
+        assert [r[-1] for r in sf[0]] == pytest.approx([r[-1] for r in sn[0]], rel=1e-15)
+        sf = ([r[:-1] for r in sf[0]], *sf[1:])
+        sn = ([r[:-1] for r in sn[0]], *sn[1:])
+    assert sf == sn
     fast.kv.pool.check_invariants()
     assert fast.kv.pool.cached == naive.kv.pool.cached
+
+
+# -- closed-form runs: step ends, inversion, ITL progression ------------------------------------------
+@settings(max_examples=80, deadline=None)
+@given(t0=st.floats(0, 1e6), T=st.floats(1e-5, 1.0), g=st.floats(0, 1e-6), B=st.integers(1, 300),
+       ctx=st.integers(1, 10**6), k=st.integers(1, 400), probes=st.lists(st.floats(0, 1), min_size=1, max_size=8))
+def test_affine_run_completed_steps_is_the_count_of_ends_not_after_now(t0, T, g, B, ctx, k, probes):
+    from sim.engine import AffineDecodeRun
+
+    run = AffineDecodeRun([None] * B, [ctx // B] * B, [0] * B, [0] * B, k, lambda j: 0, t0, T, g)
+    ends = [run.end_of(j) for j in range(1, k + 1)]
+    assert all(b > a for a, b in zip(ends, ends[1:]))
+    # Durations are the model's: T + g * context, the context sum growing by B per step.
+    dc0 = sum(run.c0) + B
+    assert ends[0] - t0 == pytest.approx(T + g * dc0, rel=1e-9, abs=1e-9)
+    if k > 1:
+        assert ends[-1] - ends[-2] == pytest.approx(T + g * (dc0 + (k - 1) * B), rel=1e-9, abs=1e-9)
+    span = ends[-1] - t0
+    for p in probes + [0.0]:
+        for now in (t0 + p * span * 1.1, ends[min(int(p * k), k - 1)]):  # anywhere, and exactly on an end
+            assert run.completed_steps(now) == sum(1 for e in ends if e <= now)
+
+
+@settings(max_examples=80, deadline=None)
+@given(first=st.floats(1e-6, 10.0), step=st.floats(0, 1e-4), n=st.integers(1, 3000), count=st.integers(1, 50))
+def test_itl_progression_buckets_like_one_by_one(first, step, n, count):
+    from sim.metrics import LogHistogram
+    from sim.replica import _bulk_itl
+
+    bulk, ref = LogHistogram(), LogHistogram()
+    _bulk_itl(bulk).progression(first, step, n, count)
+    for i in range(n):
+        ref.add(first + step * i, count)
+    assert np.array_equal(bulk.counts, ref.counts)
+    assert bulk.total == ref.total
+    assert bulk.sum == pytest.approx(ref.sum, rel=1e-9)

@@ -216,18 +216,25 @@ class BlockPool:
         return next(iter(v))
 
     # -- allocation ------------------------------------------------------------------------
-    def get_new_blocks(self, n: int) -> list[int]:
-        """Pop ``n`` blocks from the front of the free queue, evicting the hashes they carry."""
+    def get_new_blocks(self, n: int, num_unique: int = 0) -> list[int]:
+        """Pop ``n`` blocks from the front of the free queue, evicting the hashes they carry.
+
+        The first ``num_unique`` of them are at once registered as unique full blocks (what
+        :meth:`mark_unique` would do next; fused here to walk the blocks once).
+        """
         if n > self.free_queue.size:
             raise ValueError(f"cannot allocate {n} blocks, only {self.free_queue.size} free")
         out = self.free_queue.pop_many(n)
         rc, bh, cached = self.ref_cnt, self.block_hash, self.cached
         evicted = 0
-        for b in out:
+        mark = UNIQUE
+        for i, b in enumerate(out):
             rc[b] = 1
             h = bh[b]
+            if i == num_unique:
+                mark = None
+            bh[b] = mark
             if h is not None:  # a cached free block: evict its hash
-                bh[b] = None
                 evicted += 1
                 if h is not UNIQUE:
                     if cached.get(h) == b:  # the common case: the hash maps to this block only
@@ -298,7 +305,8 @@ class BlockPool:
             for b, h in zip(blocks, hashes):
                 self.cache_block(b, h)
 
-    def free_blocks(self, ordered_blocks: Sequence[int]) -> None:
+    def free_blocks(self, ordered_blocks: Sequence[int], exclusive_from: int | None = None,
+                    num_hashed: int = 0) -> None:
         """Release blocks given in eviction order (callers pass a request's blocks tail first).
 
         A block whose ref count drops to 0 joins the free queue: at the back if it carries a hash
@@ -307,6 +315,20 @@ class BlockPool:
         rc, bh = self.ref_cnt, self.block_hash
         back: list[int] = []
         front: list[int] = []
+        if exclusive_from is not None:
+            # ordered_blocks is a request's block table reversed, whose blocks from index
+            # ``exclusive_from`` on hold content unique to it: only it ever references them (they
+            # are never a prefix hit for anyone else), so each drops to 0. Of those, indices below
+            # ``num_hashed`` carry a hash (back of the queue), the rest none (front). Same lists,
+            # same order as the per-block loop below, without a branch per block.
+            m = len(ordered_blocks) - exclusive_from  # the exclusive blocks come first
+            excl = ordered_blocks[:m]
+            for b in excl:
+                rc[b] = 0
+            cut = max(len(ordered_blocks) - max(num_hashed, exclusive_from), 0)  # unhashed come first
+            front = excl[:cut]
+            back = excl[cut:]
+            ordered_blocks = ordered_blocks[m:]
         for b in ordered_blocks:
             c = rc[b] - 1
             rc[b] = c
@@ -448,7 +470,19 @@ class KVCacheManager:
             req.blocks.extend(new_computed_blocks)
             req.num_cached_blocks = len(req.blocks)
         if num_new > 0:
-            req.blocks.extend(pool.get_new_blocks(num_new))
+            blocks = req.blocks
+            L0 = len(blocks)
+            nu = 0
+            if self.enable_caching and req.num_cached_blocks == L0 and req.num_shared_blocks <= L0:
+                # The new blocks that this allocation fills are unique to the request (past its
+                # shared prefix): register them while popping them (see get_new_blocks).
+                num_full = (req.num_computed_tokens + len(new_computed_blocks) * self.block_size
+                            + num_new_tokens) // self.block_size
+                if num_full > L0:
+                    nu = num_full - L0
+            blocks.extend(pool.get_new_blocks(num_new, nu))
+            if nu:
+                req.num_cached_blocks = L0 + nu
         if self.enable_caching:
             self.cache_full_blocks(req, req.num_computed_tokens + len(new_computed_blocks) * self.block_size
                                    + num_new_tokens)
@@ -494,7 +528,11 @@ class KVCacheManager:
                 if bh[b] is UNIQUE:
                     pool.cache_block(b, hashes[i])
         if blocks:
-            self.pool.free_blocks(blocks[::-1])
+            s = req.num_shared_blocks
+            if s < len(blocks):
+                self.pool.free_blocks(blocks[::-1], exclusive_from=s, num_hashed=req.num_cached_blocks)
+            else:
+                self.pool.free_blocks(blocks[::-1])
         req.blocks = []
         req.num_cached_blocks = 0
 

@@ -309,8 +309,9 @@ class AffineDecodeRun(DecodeRun):
         # The gaps of steps lo+1..s are an arithmetic progression: d1 + a*lo, step a, s - lo terms.
         first = self.d1 + self.a * lo
         n = s - lo
-        if on_itl_many is not None and hasattr(on_itl_many, "progression"):
-            on_itl_many.progression(first, self.a, n, self.B)
+        prog = getattr(on_itl_many, "progression", None)
+        if prog is not None:
+            prog(first, self.a, n, self.B)
         else:
             for i in range(n):
                 on_itl(first + self.a * i, self.B)
@@ -764,6 +765,28 @@ class Engine:
         """Block allocations and hash registrations of steps p+1..j, in the naive order."""
         bs = self.cfg.block_size
         kv = self.kv
+        if run.B == 1:
+            # One request: its new blocks in order, no interleaving to reconstruct.
+            n = run.allocs(j) - run.allocs(p)
+            if n > 0:
+                run.reqs[0].blocks.extend(kv.pool.get_new_blocks(n))
+        else:
+            self._apply_run_allocs(run, p, j)
+        if not self.cfg.enable_prefix_caching:
+            return
+        # Registrations of blocks that become full (hashes of distinct new content, so their order
+        # relative to the evictions above does not matter).
+        for r, cr, ncr in zip(run.reqs, run.c0, run.nc):
+            a = max(ncr, (cr + p) // bs) if p else ncr
+            b = max(ncr, (cr + j) // bs)
+            if b > a:
+                kv.register_blocks(r, a, b)
+                r.num_cached_blocks = b
+
+    def _apply_run_allocs(self, run: DecodeRun, p: int, j: int) -> None:
+        """Block allocations of steps p+1..j of a multi-request run, in the naive order."""
+        bs = self.cfg.block_size
+        kv = self.kv
         # Allocations: (step, running position) pairs, step-major like the naive schedule loop.
         events: list[tuple[int, int]] = []
         for pos, (Lr, cr) in enumerate(zip(run.L, run.c0)):
@@ -780,16 +803,6 @@ class Engine:
             reqs = run.reqs
             for (_, pos), b in zip(events, new):
                 reqs[pos].blocks.append(b)
-        if not self.cfg.enable_prefix_caching:
-            return
-        # Registrations of blocks that become full (hashes of distinct new content, so their order
-        # relative to the evictions above does not matter).
-        for r, cr, ncr in zip(run.reqs, run.c0, run.nc):
-            a = max(ncr, (cr + p) // bs) if p else ncr
-            b = max(ncr, (cr + j) // bs)
-            if b > a:
-                kv.register_blocks(r, a, b)
-                r.num_cached_blocks = b
 
     def _apply_run_steps(self, run: DecodeRun, q: int, s: int) -> None:
         """Token accounting of steps q+1..s: counters, token times, ITL histogram, busy time."""

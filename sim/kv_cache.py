@@ -411,6 +411,10 @@ class KVCacheManager:
             return [], 0
         hashes = req.block_hashes
         max_blocks = min((req.num_tokens - 1) // self.block_size, len(hashes))
+        if not req.num_preemptions and req.num_shared_blocks < max_blocks:
+            # Blocks past the shared prefix are unique to this request: only its own preempted
+            # blocks could be in the map under those hashes.
+            max_blocks = req.num_shared_blocks
         out: list[int] = []
         get = self.pool.cached.get
         for i in range(max_blocks):

@@ -351,6 +351,9 @@ class Engine:
         self._on_itl_many = on_itl_many
         self._clock = clock
         self._run: DecodeRun | None = None
+        self._affine_model = None  # the step-time model whose decode_run_affine is memoised below
+        self._affine_fn = None
+        self._affine_memo: dict[int, tuple[float, float] | None] = {}
 
     # -- counters (exact at any time, even while a run is in flight) -------------------------
     @property
@@ -692,9 +695,15 @@ class Engine:
                             break
                     if k < min_steps:
                         return None
-        affine = getattr(step_model, "decode_run_affine", None)
-        if affine is not None:
-            Tg = affine(B)
+        if step_model is not self._affine_model:
+            # (T, g) per batch size, memoised: a step-time model is deterministic.
+            self._affine_model = step_model
+            self._affine_fn = getattr(step_model, "decode_run_affine", None)
+            self._affine_memo = {}
+        if self._affine_fn is not None:
+            Tg = self._affine_memo.get(B, False)
+            if Tg is False:
+                Tg = self._affine_memo[B] = self._affine_fn(B)
             if Tg is not None and Tg[0] > 0 and Tg[1] >= 0:
                 run = AffineDecodeRun(list(running), c0, L, nc, k, allocs, now, Tg[0], Tg[1])
                 self._run = run

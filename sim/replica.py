@@ -323,6 +323,11 @@ def _bulk_itl(hist):
         hist.total += n * count
         hist.sum += total * count
 
+    # The interior of the last bucket hit, shrunk by a relative 1e-12 so that a value inside it is
+    # surely in that bucket whatever the rounding of log(): most runs' gaps fall in the same bucket
+    # as the previous run's, and then no log() is needed at all.
+    last_hit = [0, 0.0, -1.0]
+
     def progression(first: float, step: float, n: int, count: int) -> None:
         """``n`` values ``first + step * i`` (a closed-form decode run's gaps), each ``count`` times.
 
@@ -330,9 +335,16 @@ def _bulk_itl(hist):
         holds a contiguous range of ``i``: found by bisection, a few ``log`` calls per bucket crossed.
         """
         counts = hist.counts
-        b = bucket(first)
-        if step == 0.0 or b == bucket(first + step * (n - 1)):
+        last = first + step * (n - 1)
+        b, inner_lo, inner_hi = last_hit
+        if inner_lo <= first and last <= inner_hi:
             counts[b] += n * count
+        elif (b := bucket(first)) == bucket(last):
+            counts[b] += n * count
+            if b > 0:
+                last_hit[0] = b
+                last_hit[1] = h_lo * math.exp((b - 1) * log_base) * (1.0 + 1e-12)
+                last_hit[2] = h_lo * math.exp(b * log_base) * (1.0 - 1e-12)
         else:
             i = 0
             while i < n:

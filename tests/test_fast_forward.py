@@ -313,15 +313,21 @@ def test_affine_run_completed_steps_is_the_count_of_ends_not_after_now(t0, T, g,
 
 
 @settings(max_examples=80, deadline=None)
-@given(first=st.floats(1e-6, 10.0), step=st.floats(0, 1e-4), n=st.integers(1, 3000), count=st.integers(1, 50))
-def test_itl_progression_buckets_like_one_by_one(first, step, n, count):
+@given(runs=st.lists(st.tuples(st.floats(1e-6, 10.0), st.floats(0, 1e-4), st.integers(1, 3000), st.integers(1, 50)),
+                     min_size=1, max_size=6),
+       near=st.booleans())
+def test_itl_progression_buckets_like_one_by_one(runs, near):
     from sim.metrics import LogHistogram
     from sim.replica import _bulk_itl
 
     bulk, ref = LogHistogram(), LogHistogram()
-    _bulk_itl(bulk).progression(first, step, n, count)
-    for i in range(n):
-        ref.add(first + step * i, count)
+    prog = _bulk_itl(bulk).progression
+    for r, (first, step, n, count) in enumerate(runs):
+        if near and r:  # start next to the previous run (the bucket memo's case), maybe on an edge
+            first = runs[0][0] * (1.0 + 1e-3 * r)
+        prog(first, step, n, count)
+        for i in range(n):
+            ref.add(first + step * i, count)
     assert np.array_equal(bulk.counts, ref.counts)
     assert bulk.total == ref.total
     assert bulk.sum == pytest.approx(ref.sum, rel=1e-9)

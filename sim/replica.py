@@ -48,6 +48,9 @@ def fast_forward_default() -> bool:
     return os.environ.get(NAIVE_ENV, "").strip() not in ("1", "true", "yes")
 
 
+_CANCEL_START = "cancel_start"  # interrupt cause: scaled in during the cold start
+
+
 class EngineStalled(RuntimeError):
     """The scheduler had work but could schedule nothing: a bug or an impossible config."""
 
@@ -157,8 +160,12 @@ class Replica:
         env = self.env
         try:
             if self.cold_start_s > 0:
-                yield env.timeout(self.cold_start_s)
-            if self._stop_now:  # scaled in before it ever served
+                try:
+                    yield env.timeout(self.cold_start_s)
+                except simpy.Interrupt as stop:
+                    if stop.cause != _CANCEL_START:
+                        raise
+            if self._stop_now:  # scaled in before it ever served: the GPU is released at once
                 self._end(ReplicaState.STOPPED)
                 return
             self.state = ReplicaState.SERVING
@@ -185,7 +192,7 @@ class Replica:
                 self._idle = True
             return
         now = self.env.now
-        if self.fast_forward:
+        if self.fast_forward and engine.running:
             end = engine.plan_decode_run(now, self.step_model)
             if end is not None:
                 self._plan = None
@@ -265,8 +272,12 @@ class Replica:
     def drain(self) -> None:
         """Stop taking new work; stop once in-flight requests finish (or at once if starting)."""
         if self.state == ReplicaState.STARTING:
+            # Cancelling a pod that is still loading its weights frees its GPU now: the replica
+            # ends (and stops being billed) at the drain, not at the end of its cold start.
             self._stop_now = True
             self.state = ReplicaState.DRAINING
+            if self.cold_start_s > 0 and self.env.now < self.created_s + self.cold_start_s:
+                self.process.interrupt(_CANCEL_START)
             return
         if self.state != ReplicaState.SERVING:
             return

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from policies.base import ReplicaView, Router, RoutingRequest
 from policies.registry import parse_params, register_router
 from policies.routers.prefix_index import PrefixMatcher
-from policies.routers.selection import argmin_random
+from policies.routers.selection import randbelow
 
 
 class PrefixParams(BaseModel):
@@ -58,17 +58,37 @@ class PrefixRule:
         self.last_decision = ""  # "prefix" or "fallback" (for tests and traces)
 
     def route(self, request: RoutingRequest, views: Sequence[ReplicaView]) -> int:
-        cands = load_guard(views, self.cfg.max_imbalance)
-        total = len(request.block_hashes)
+        # On the path of every request, so: one read of each view's load, candidates as positions,
+        # and no match list at all when no replica holds the prompt's first block. The choices and
+        # the rng draws are exactly those of ``load_guard`` followed by ``argmin_random``.
+        inflight = [v.inflight_requests for v in views]
+        lo = min(inflight)
+        cands = views
+        max_imbalance = self.cfg.max_imbalance
+        if max_imbalance is not None and max(inflight) > lo + max_imbalance:
+            hi = lo + max_imbalance
+            keep = [i for i, x in enumerate(inflight) if x <= hi]
+            cands = [views[i] for i in keep]
+            inflight = [inflight[i] for i in keep]
+        hashes = request.block_hashes
+        total = len(hashes)
         if total:
-            matched = self.matcher.matches(request.block_hashes, cands)
-            best = max(matched)
-            if best > 0 and best / total >= self.cfg.min_match_ratio:
-                self.last_decision = "prefix"
-                top = [v for v, m in zip(cands, matched) if m == best]
-                return argmin_random(top, lambda v: v.inflight_requests, self.rng).replica_id
-        self.last_decision = "fallback"
-        return argmin_random(cands, lambda v: v.inflight_requests, self.rng).replica_id
+            matched = self.matcher.held_matches(hashes, cands)
+            if matched is not None:
+                best = max(matched)
+                if best > 0 and best / total >= self.cfg.min_match_ratio:
+                    self.last_decision = "prefix"
+                    top = [i for i, m in enumerate(matched) if m == best]
+                    if len(top) > 1:
+                        least = min(inflight[i] for i in top)
+                        top = [i for i in top if inflight[i] == least]
+                    return cands[self._pick(top)].replica_id
+        self.last_decision = "fallback"  # the least loaded candidate (the guard keeps every one at lo)
+        return cands[self._pick([i for i, x in enumerate(inflight) if x == lo])].replica_id
+
+    def _pick(self, positions: list[int]) -> int:
+        """One of ``positions``, uniformly at random if several (as :func:`argmin_random`)."""
+        return positions[0] if len(positions) == 1 else positions[randbelow(self.rng, len(positions))]
 
 
 @register_router("prefix-aware")
@@ -94,7 +114,9 @@ class PrefixAware(Router):
         return self._rule.route(request, views)
 
     def on_routed(self, request: RoutingRequest, replica_id: int, now: float) -> None:
-        self._rule.matcher.on_routed(request.block_hashes, replica_id)
+        index = self._rule.matcher.index  # approximate mode: remember what was sent where
+        if index is not None:
+            index.insert(replica_id, request.block_hashes)
 
     def on_replica_removed(self, replica_id: int) -> None:
         self._rule.matcher.on_replica_removed(replica_id)

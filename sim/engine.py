@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from sim.kv_cache import KVCacheManager
+from sim.kv_cache import KVCacheManager, unique_hash_base
 from sim.step_time import BatchShape
 
 WAITING, RUNNING, FINISHED = 0, 1, 2
@@ -74,7 +74,7 @@ class EngineRequest:
         self.num_cached_blocks = 0
         # Hashes of blocks past the precomputed prompt ones are ``hash_key - i``: negative, so they
         # never equal a prompt hash (64-bit unsigned), and unique per (request, block index).
-        self.hash_key = -((idx + 1) << 32)
+        self.hash_key = unique_hash_base(idx)
         self.enqueue_s = arrival_s
         self.first_scheduled_s = -1.0
         self.first_token_s = -1.0

@@ -547,19 +547,34 @@ class KVCacheManager:
         self.prefix_hits += num_hit_tokens
 
 
+def unique_hash_base(idx: int) -> int:
+    """Base of the ids of request ``idx``'s blocks whose content is unique to it: block ``i`` past
+    its shared prefix (an unshared prompt block or a generated one) is ``unique_hash_base(idx) - i``.
+
+    Such content can only ever match the request itself, so any id unique per (request, block
+    index) is equivalent to a content hash; these are negative, so they never equal a prompt
+    hash (unsigned 64-bit), and a ``range`` of them costs nothing to make.
+    """
+    return -((idx + 1) << 32)
+
+
 class PromptBlockHashes:
     """The engine block hashes of every prompt of a workload, for the cluster to hand to requests.
 
-    Why: hashing a prompt block by block in Python at each arrival (``engine_block_hashes``) costs
-    about a microsecond per block, more than simulating the request. Here they are computed with
-    the vectorised, bit-identical :func:`traces.hashing.engine_block_hashes_csr`, a chunk of
-    ``chunk`` consecutive requests at a time (arrivals come in order), so memory stays bounded
-    whatever the workload size. A row outside the current chunk (a retry) uses the scalar
-    reference, as does a workload the vectorised path cannot reproduce exactly.
-
     Calling it with a row index gives ``(hashes, num_shared)``: the leading ``num_shared`` blocks
     are keyed by the trace's prefix identity (token ids or hash ids) and may be shared with other
-    requests; the rest hash with a key unique to the request (see ``EngineRequest.num_shared_blocks``).
+    requests; they are the chained hashes of :func:`traces.schema.engine_block_hashes`. The rest
+    hold content unique to the request and get the ids ``unique_hash_base(row) - i``, the same
+    scheme as the engine's generated blocks (``EngineRequest.extend_block_hashes``).
+
+    Why: hashing a prompt block by block in Python at each arrival costs about a microsecond per
+    block, more than simulating the request. The shared prefixes are computed with the vectorised,
+    bit-identical :func:`traces.hashing.engine_block_hashes_csr`, a chunk of ``chunk`` consecutive
+    requests at a time (arrivals come in order), so memory stays bounded whatever the workload
+    size; a row outside the current chunk (a retry) uses the scalar reference, as does a workload
+    the vectorised path cannot reproduce exactly. Unique tails are not hashed at all. The trace
+    module's reference hashes the unique tail with a per-request key instead; both give the same
+    equalities (a unique block equals only itself), which is all the engine and routers use.
     """
 
     def __init__(self, workload, block_size: int, chunk: int = 8192):
@@ -571,7 +586,7 @@ class PromptBlockHashes:
         self.block_size = block_size
         self.chunk = chunk
         self.workload = workload
-        self.prompt = df["prompt_tokens"].to_numpy(dtype="int64")
+        prompt = df["prompt_tokens"].to_numpy(dtype="int64")
         self._hashing = hashing
         self._token = workload.list_csr("token_ids") if workload.has("token_ids") else None
         self._hash = workload.list_csr("hash_ids") if workload.has("hash_ids") and workload.hash_block_size else None
@@ -584,9 +599,9 @@ class PromptBlockHashes:
         self._offsets = None
         self._values = None
         # Leading blocks keyed by the trace's identity (as in engine_block_hashes: token ids win).
-        n_full = self.prompt // block_size
-        known = np.zeros(len(self.prompt), dtype=np.int64)
-        use_tok = np.zeros(len(self.prompt), dtype=bool)
+        n_full = prompt // block_size
+        known = np.zeros(len(prompt), dtype=np.int64)
+        use_tok = np.zeros(len(prompt), dtype=bool)
         if self._token is not None:
             off, _, present = self._token
             use_tok = present.astype(bool)
@@ -596,24 +611,36 @@ class PromptBlockHashes:
             covered = np.diff(off) * int(workload.hash_block_size)
             known = np.where(present.astype(bool) & ~use_tok, np.minimum(n_full, covered // block_size), known)
         self.num_shared = known.tolist()
+        self.num_full = n_full.tolist()
+        # Only the shared prefixes are hashed: as prompts of num_shared full blocks.
+        self._shared_prompt = known * block_size
+        self._any_shared = bool(known.any())
 
     def __call__(self, i: int) -> tuple[list[int], int]:
+        s = self.num_shared[i]
+        base = -((i + 1) << 32)  # unique_hash_base(i), inlined: this runs once per arrival
+        if not s:
+            return list(range(base, base - self.num_full[i], -1)), 0
         if not self.vectorised:
-            return self.scalar(i), self.num_shared[i]
+            return self.scalar(i), s
         start = i - i % self.chunk
         if start != self._start:
             if self._start >= 0 and start < self._start:
                 # an earlier row again (a retry): not worth a whole chunk
-                return self.scalar(i), self.num_shared[i]
+                return self.scalar(i), s
             self._compute(start)
         off = self._offsets
         j = i - start
-        return self._values[off[j]:off[j + 1]].tolist(), self.num_shared[i]
+        out = self._values[off[j]:off[j + 1]].tolist()
+        n = self.num_full[i]
+        if n > s:
+            out.extend(range(base - s, base - n, -1))
+        return out, s
 
     def _compute(self, start: int) -> None:
         import numpy as np
 
-        end = min(start + self.chunk, len(self.prompt))
+        end = min(start + self.chunk, len(self._shared_prompt))
         kw: dict = {}
         for name, csr in (("token", self._token), ("hash", self._hash)):
             if csr is None:
@@ -625,11 +652,14 @@ class PromptBlockHashes:
         if self._hash is not None:
             kw["hash_block_size"] = self.workload.hash_block_size
         offsets, values = self._hashing.engine_block_hashes_csr(
-            self.prompt[start:end], self.block_size, unique_keys=np.arange(start, end, dtype=np.int64), **kw)
+            self._shared_prompt[start:end], self.block_size, unique_keys=np.arange(start, end, dtype=np.int64), **kw)
         self._start = start
         self._offsets = offsets.tolist()
         self._values = values  # numpy: Python ints only for the requests that arrive
 
     def scalar(self, i: int) -> list[int]:
-        """The reference: :meth:`traces.schema.Workload.block_hashes` for row ``i``."""
-        return self.workload.block_hashes(i, self.block_size)
+        """Row ``i`` from the scalar reference (:meth:`traces.schema.Workload.block_hashes`) for the
+        shared prefix, and the unique ids after it."""
+        s, n = self.num_shared[i], self.num_full[i]
+        base = unique_hash_base(i)
+        return self.workload.block_hashes(i, self.block_size)[:s] + list(range(base - s, base - n, -1))

@@ -222,8 +222,11 @@ def replay_cluster(views, requests, routing, router, *, model: str, timeout_s: f
 
 def routing_requests(workload: Workload, block_size: int) -> list[RoutingRequest]:
     """What the simulator's cluster hands its router for each row (``sim.cluster._routing_request``):
-    the prompt's full-block engine hashes, tenant and session."""
-    hashes = workload.all_block_hashes(block_size)
+    the prompt's full-block engine hashes (the simulator's own, ``sim.kv_cache.PromptBlockHashes``),
+    tenant and session."""
+    from sim.kv_cache import PromptBlockHashes
+
+    ph = PromptBlockHashes(workload, block_size)
     df = workload.df
     pt = df["prompt_tokens"].to_numpy(np.int64)
     out = df["output_tokens"].to_numpy(np.int64)
@@ -232,7 +235,7 @@ def routing_requests(workload: Workload, block_size: int) -> list[RoutingRequest
     session = df["session_id"].tolist() if workload.has("session_id") else [None] * len(df)
     opt = lambda v: None if v is None or (isinstance(v, float) and v != v) or v is pd.NA else str(v)  # noqa: E731
     return [RoutingRequest(request_id=i, arrival_s=float(arr[i]), prompt_tokens=int(pt[i]),
-                           output_tokens=int(out[i]), block_hashes=list(hashes[i][: int(pt[i]) // block_size]),
+                           output_tokens=int(out[i]), block_hashes=ph(i)[0][: int(pt[i]) // block_size],
                            session_id=opt(session[i]), tenant=opt(tenant[i]))
             for i in range(len(df))]
 

@@ -216,31 +216,79 @@ class BlockPool:
         return next(iter(v))
 
     # -- allocation ------------------------------------------------------------------------
-    def get_new_blocks(self, n: int, num_unique: int = 0) -> list[int]:
+    def get_new_blocks(self, n: int, num_unique: int = 0, shared_hashes: Sequence[int] = ()) -> list[int]:
         """Pop ``n`` blocks from the front of the free queue, evicting the hashes they carry.
 
-        The first ``num_unique`` of them are at once registered as unique full blocks (what
-        :meth:`mark_unique` would do next; fused here to walk the blocks once).
+        Registration fused in (to walk the blocks once): the first ``len(shared_hashes)`` of them
+        are registered in the hash map under those hashes (what :meth:`cache_blocks` would do
+        next), the following ``num_unique`` are registered as unique full blocks (what
+        :meth:`mark_unique` would do next), the rest carry no hash. Fusing is exact when no
+        ``shared_hashes`` is in the map before the evictions (then the evictions and the
+        insertions touch different keys, and the map ends with the same entries in the same
+        order); otherwise the blocks are popped first and registered after, as vLLM does.
         """
         if n > self.free_queue.size:
             raise ValueError(f"cannot allocate {n} blocks, only {self.free_queue.size} free")
+        cached = self.cached
+        k = len(shared_hashes)
+        if k and not cached.keys().isdisjoint(shared_hashes):
+            out = self.get_new_blocks(n)
+            self.cache_blocks(out[:k], shared_hashes)
+            self.mark_unique(out[k:k + num_unique])
+            return out
         out = self.free_queue.pop_many(n)
-        rc, bh, cached = self.ref_cnt, self.block_hash, self.cached
+        rc, bh = self.ref_cnt, self.block_hash
         evicted = 0
-        mark = UNIQUE
-        for i, b in enumerate(out):
-            rc[b] = 1
-            h = bh[b]
-            if i == num_unique:
-                mark = None
-            bh[b] = mark
-            if h is not None:  # a cached free block: evict its hash
-                evicted += 1
-                if h is not UNIQUE:
-                    if cached.get(h) == b:  # the common case: the hash maps to this block only
-                        del cached[h]
-                    else:
-                        self._unmap(b, h)
+        if not k and (not num_unique or num_unique >= n):
+            # All the blocks end with the same mark (the common case, and every 1-block decode
+            # allocation): one loop, no set-up.
+            mark = UNIQUE if num_unique else None
+            for b in out:
+                rc[b] = 1
+                h = bh[b]
+                bh[b] = mark
+                if h is not None:  # a cached free block: evict its hash
+                    evicted += 1
+                    if h is not UNIQUE:
+                        if cached.get(h) == b:  # the common case: the hash maps to this block only
+                            del cached[h]
+                        else:
+                            self._unmap(b, h)
+            self.evictions += evicted
+            return out
+        # Three runs of blocks, each with the mark it ends up with: one loop per run, no
+        # per-block test of which run a block is in.
+        e1 = min(k, n)
+        e2 = min(k + num_unique, n)
+        if e1:
+            # Blocks registered in the hash map (keys not in it: see above).
+            shared = out[:e1] if e1 < n else out
+            for b, hn in zip(shared, shared_hashes):
+                rc[b] = 1
+                h = bh[b]
+                bh[b] = hn
+                if h is not None:
+                    evicted += 1
+                    if h is not UNIQUE:
+                        if cached.get(h) == b:
+                            del cached[h]
+                        else:
+                            self._unmap(b, h)
+            cached.update(zip(shared_hashes, shared))
+        for lo, hi, mark in ((e1, e2, UNIQUE), (e2, n, None)):
+            if lo >= hi:
+                continue
+            for b in (out if hi - lo == n else out[lo:hi]):
+                rc[b] = 1
+                h = bh[b]
+                bh[b] = mark
+                if h is not None:  # a cached free block: evict its hash
+                    evicted += 1
+                    if h is not UNIQUE:
+                        if cached.get(h) == b:  # the common case: the hash maps to this block only
+                            del cached[h]
+                        else:
+                            self._unmap(b, h)
         self.evictions += evicted
         return out
 
@@ -476,17 +524,24 @@ class KVCacheManager:
         if num_new > 0:
             blocks = req.blocks
             L0 = len(blocks)
-            nu = 0
-            if self.enable_caching and req.num_cached_blocks == L0 and req.num_shared_blocks <= L0:
-                # The new blocks that this allocation fills are unique to the request (past its
-                # shared prefix): register them while popping them (see get_new_blocks).
+            num_full = L0
+            if self.enable_caching and req.num_cached_blocks == L0:
+                # Register the new blocks that this allocation fills while popping them (see
+                # get_new_blocks): those within the request's shared prefix in the hash map, the
+                # rest as unique -- what cache_full_blocks below would do.
                 num_full = (req.num_computed_tokens + len(new_computed_blocks) * self.block_size
                             + num_new_tokens) // self.block_size
-                if num_full > L0:
-                    nu = num_full - L0
-            blocks.extend(pool.get_new_blocks(num_new, nu))
-            if nu:
-                req.num_cached_blocks = L0 + nu
+            if num_full > L0:
+                m = min(num_full, req.num_shared_blocks)
+                if m > L0:
+                    if m > len(req.block_hashes):
+                        req.extend_block_hashes(m)
+                    blocks.extend(pool.get_new_blocks(num_new, num_full - m, req.block_hashes[L0:m]))
+                else:
+                    blocks.extend(pool.get_new_blocks(num_new, num_full - L0))
+                req.num_cached_blocks = num_full
+            else:
+                blocks.extend(pool.get_new_blocks(num_new))
         if self.enable_caching:
             self.cache_full_blocks(req, req.num_computed_tokens + len(new_computed_blocks) * self.block_size
                                    + num_new_tokens)

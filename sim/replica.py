@@ -84,6 +84,12 @@ class _StepEnd(Event):
 class Replica:
     """One model server (``num_gpus`` GPUs with tensor parallelism). Implements ``ReplicaView``."""
 
+    # Slots: routers read every replica's gauges on every request; compact objects keep that cheap.
+    __slots__ = ("cluster", "env", "replica_id", "engine", "step_model", "cold_start_s", "num_gpus",
+                 "usd_per_gpu_hour", "block_size", "num_total_blocks", "fast_forward", "state", "created_s",
+                 "serving_s", "ended_s", "inflight_requests", "inflight_tokens", "_stop_now", "_idle", "_timer",
+                 "_timer_at", "_plan", "_dt", "_plan_aborts", "_stopped", "process")
+
     def __init__(self, cluster: "Cluster", replica_id: int, engine_cfg: EngineConfig,
                  step_model: StepTimeModel, cold_start_s: float, num_gpus: int, usd_per_gpu_hour: float,
                  fast_forward: bool | None = None):

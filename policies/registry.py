@@ -93,10 +93,21 @@ def parse_params(kind: str, name: str, model: type[_M], params: dict[str, Any]) 
         raise ConfigError(f"{kind} {name!r}: " + "; ".join(parts).replace("\n", " ")) from None
 
 
-def _load_builtin() -> None:
-    # Importing the modules registers their policies.
+def _load_builtin_routers() -> None:
+    # Importing the package registers its policies.
     import policies.routers  # noqa: F401
+
+
+def _load_builtin_autoscalers() -> None:
+    # Separate from the routers: a run without an autoscaler (the common case, and ``fleetsim run``'s
+    # default) never pays for importing the autoscaler modules and building their pydantic models.
     import policies.autoscalers  # noqa: F401
+
+
+def _load_builtin() -> None:
+    """Register every built-in policy (for listings; ``make_*`` load only their own kind)."""
+    _load_builtin_routers()
+    _load_builtin_autoscalers()
 
 
 def _import_policy(kind: str, policy: str) -> Any:
@@ -108,7 +119,7 @@ def _import_policy(kind: str, policy: str) -> Any:
 
 
 def make_router(policy: str, rng=None, **params: Any):
-    _load_builtin()
+    _load_builtin_routers()
     if policy in ROUTERS:
         cls = ROUTERS[policy]
     elif ":" in policy:
@@ -128,7 +139,7 @@ def make_router(policy: str, rng=None, **params: Any):
 
 
 def make_autoscaler(policy: str, rng=None, **params: Any):
-    _load_builtin()
+    _load_builtin_autoscalers()
     if policy in AUTOSCALERS:
         cls = AUTOSCALERS[policy]
     elif ":" in policy:

@@ -13,6 +13,7 @@ Every request ends exactly once: completed, rejected (admission, too long, no re
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -24,7 +25,8 @@ import simpy
 
 from policies.base import Autoscaler, ClusterView, ReplicaState, Router, RoutingRequest
 from sim.engine import EngineConfig, EngineRequest
-from sim.metrics import COMPLETED, FAILED, REJECTED, REQUEST_COLUMNS, SLO, LogHistogram, TimeSeries, summarize
+from sim.metrics import (COMPLETED, FAILED, REJECTED, REQUEST_COLUMNS, SLO, LogHistogram, TimeSeries,
+                         labelled_column, summarize)
 from sim.replica import Replica
 from sim.rng import stream
 from sim.step_time import StepTimeModel
@@ -32,6 +34,8 @@ from sim.kv_cache import PromptBlockHashes
 from traces.schema import Workload
 
 _STATUS_NAMES = {0: "pending", 1: COMPLETED, 2: REJECTED, 3: FAILED}
+_STATUS_LABELS = [_STATUS_NAMES[k] for k in range(len(_STATUS_NAMES))]  # code -> status
+_STATUS_CODES = {COMPLETED: 1, REJECTED: 2, FAILED: 3}
 
 
 @dataclass
@@ -126,7 +130,6 @@ class Cluster:
         self.token_ids = df["token_ids"].to_numpy() if w.has("token_ids") else None
         self.hash_ids = df["hash_ids"].to_numpy() if w.has("hash_ids") else None
         self._prompt_hashes = PromptBlockHashes(w, cfg.engine.block_size)
-        self.request_ids = df["request_id"].to_numpy() if w.has("request_id") else None
         self.children: dict[int, list[int]] | None = None
         self.think = None
         if cfg.closed_loop:
@@ -144,7 +147,10 @@ class Cluster:
         self.o_finish = np.full(n, np.nan)
         self.o_preempt = np.zeros(n, dtype=np.int32)
         self.o_retries = np.zeros(n, dtype=np.int32)
-        self.o_reason: list[str | None] = [None] * n
+        # Why a request ended, as a code into _reason_labels (0: no reason, i.e. completed).
+        self.o_reason = np.zeros(n, dtype=np.int16)
+        self._reason_labels: list[str | None] = [None]
+        self._reason_codes: dict[str | None, int] = {None: 0}
         self.ended = 0
         self.arrived = 0
         self.replicas: list[Replica] = []  # every replica ever created, by id
@@ -369,8 +375,13 @@ class Cluster:
     def _end_index(self, i: int, status: str, reason: str | None) -> None:
         if self.o_status[i] != 0:
             raise RuntimeError(f"request {i} ended twice ({_STATUS_NAMES[self.o_status[i]]} then {status})")
-        self.o_status[i] = {COMPLETED: 1, REJECTED: 2, FAILED: 3}[status]
-        self.o_reason[i] = reason
+        self.o_status[i] = _STATUS_CODES[status]
+        if reason is not None:
+            code = self._reason_codes.get(reason)
+            if code is None:
+                code = self._reason_codes[reason] = len(self._reason_labels)
+                self._reason_labels.append(reason)
+            self.o_reason[i] = code
         if status != COMPLETED:
             self.o_finish[i] = self.env.now
         self.ended += 1
@@ -430,29 +441,56 @@ class Cluster:
                 self.replicas[rid].fail()
 
     def _sample(self):
+        """Every ``sample_interval_s``: one row per active replica and one for the cluster.
+
+        This runs ~10^5 times in a day-long run, so each gauge is read once per replica (some are
+        computed on demand during fast-forwarded runs) and the row goes into the series' flat
+        value lists (see :class:`sim.metrics.TimeSeries`).
+        """
         env = self.env
         dt = self.cfg.sample_interval_s
-        rows = self.series.rows
+        series = self.series
+        ints = series.ints
+        floats = series.floats
+        codes = series.label_codes  # keyed by label; a ReplicaState (a str enum) hashes as its value
+        cluster_codes: dict[int, int] = {}  # replicas serving or starting -> code of "replicas=N"
+        serving, starting = ReplicaState.SERVING, ReplicaState.STARTING
+        nan = np.nan
         while True:
             t = env.now
-            run_sum = wait_sum = gen = pre = 0
+            run_sum = wait_sum = gen_sum = pre_sum = 0
             kv_sum = 0.0
             n_rep = 0
-            for r in self.active:
+            active = self.active
+            for r in active:
                 e = r.engine
                 kv = e.kv
-                hr = kv.prefix_hits / kv.prefix_queries if kv.prefix_queries else 0.0
-                rows.append((t, r.replica_id, r.state.value, e.num_running, e.num_waiting, kv.usage(), hr,
-                             e.num_preemptions, e.tokens_generated, r.inflight_requests))
-                run_sum += e.num_running
-                wait_sum += e.num_waiting
-                kv_sum += kv.usage()
-                gen += e.tokens_generated
-                pre += e.num_preemptions
-                n_rep += r.state in (ReplicaState.SERVING, ReplicaState.STARTING)
-            in_system = self.arrived - self.ended
-            rows.append((t, -1, f"replicas={n_rep}", run_sum, wait_sum + len(self.pending),
-                         kv_sum / len(self.active) if self.active else 0.0, np.nan, pre, gen, in_system))
+                q = kv.prefix_queries
+                hr = kv.prefix_hits / q if q else 0.0
+                run = e.num_running
+                wait = e.num_waiting
+                usage = kv.usage()
+                pre = e.num_preemptions
+                gen = e.tokens_generated
+                st = r.state
+                code = codes.get(st)
+                if code is None:
+                    code = series.code(st.value)
+                ints += (r.replica_id, code, run, wait, pre, gen, r.inflight_requests)
+                floats += (usage, hr)
+                run_sum += run
+                wait_sum += wait
+                kv_sum += usage
+                gen_sum += gen
+                pre_sum += pre
+                if st is serving or st is starting:
+                    n_rep += 1
+            code = cluster_codes.get(n_rep)
+            if code is None:
+                code = cluster_codes[n_rep] = series.code(f"replicas={n_rep}")
+            ints += (-1, code, run_sum, wait_sum + len(self.pending), pre_sum, gen_sum, self.arrived - self.ended)
+            floats += (kv_sum / len(active) if active else 0.0, nan)
+            series.end_tick(t, len(active) + 1)
             self._replica_samples.append(n_rep)
             if self.arrived == self.n and t > self._horizon:
                 self._give_up()
@@ -499,9 +537,10 @@ class Cluster:
         n = self.n
         if int((self.o_status != 0).sum()) != n:
             raise RuntimeError(f"conservation violated: {n - int((self.o_status != 0).sum())} requests never ended")
-        status = np.array([_STATUS_NAMES[s] for s in self.o_status], dtype=object)
+        w = self.cfg.workload
+        df = w.df
         req = pd.DataFrame({
-            "request_id": self.request_ids if self.request_ids is not None else np.arange(n),
+            "request_id": _as_result_column(df["request_id"]) if w.has("request_id") else np.arange(n),
             "arrival_s": self.arrival,
             "replica": self.o_replica,
             "prompt_tokens": self.prompt,
@@ -514,10 +553,11 @@ class Cluster:
             "finish_s": self.o_finish,
             "preemptions": self.o_preempt,
             "retries": self.o_retries,
-            "status": status,
-            "reason": self.o_reason,
-            "session_id": self.session if self.session is not None else None,
-            "tenant": self.tenant if self.tenant is not None else None,
+            # (An empty run keeps the dtypes pandas gives empty columns: object and float64.)
+            "status": labelled_column(_STATUS_LABELS, self.o_status) if n else np.array([], dtype=object),
+            "reason": labelled_column(self._reason_labels, self.o_reason) if n else [],
+            "session_id": _as_result_column(df["session_id"]) if self.session is not None else None,
+            "tenant": _as_result_column(df["tenant"]) if self.tenant is not None else None,
             "priority": self.priority if self.priority is not None else 0,
         }, columns=REQUEST_COLUMNS)
         # Stats of replicas still alive at the end.
@@ -549,8 +589,9 @@ class Cluster:
 
     def _replica_table(self, req: pd.DataFrame, now: float) -> pd.DataFrame:
         """One row per replica ever started: lifetime, load, cache and cost."""
-        done = req[req.status == COMPLETED]
-        per = done.groupby("replica").agg(requests=("request_id", "size"), output_tokens=("output_tokens", "sum"),
+        # Only the four columns it needs, not a filtered copy of the whole table.
+        done = req.loc[self.o_status == _STATUS_CODES[COMPLETED], ["replica", "output_tokens", "ttft_s", "e2e_s"]]
+        per = done.groupby("replica").agg(requests=("ttft_s", "size"), output_tokens=("output_tokens", "sum"),
                                           ttft_p50_s=("ttft_s", "median"), e2e_p99_s=("e2e_s", lambda x: x.quantile(0.99)))
         rows = []
         for r in self.replicas:
@@ -579,6 +620,25 @@ class RunOutput:
     timeseries: pd.DataFrame
     summary: dict
     replicas: pd.DataFrame
+
+
+def _as_result_column(col: pd.Series):
+    """A workload column for the result table: what ``pd.DataFrame`` infers from ``col.to_numpy()``.
+
+    Why not always that: a string column's ``to_numpy()`` makes one Python object per row, which
+    pandas then infers and copies back into a string array (seconds for millions of rows). When the
+    column already has the dtype that inference would give (pandas' default ``str``) and a
+    non-missing value, the round trip is the identity, so the array is used as is.
+    """
+    if col.dtype == _inferred_str_dtype() and col.notna().any():
+        return col.array
+    return col.to_numpy()
+
+
+@functools.cache
+def _inferred_str_dtype():
+    """The dtype pandas infers for a column of Python strings (``str`` since pandas 3, else object)."""
+    return pd.Series(["a"]).dtype
 
 
 def _isnan(v) -> bool:

@@ -234,3 +234,30 @@ def test_closed_loop_aborts_rest_of_session_when_a_turn_fails():
     assert set(req.reason.dropna()) <= {"exceeds_max_model_len", "session_aborted"}
     assert (req.reason == "session_aborted").sum() > 0
     assert len(req) == 60 and req.status.isin(["completed", "rejected"]).all()
+
+
+@pytest.mark.parametrize("too_long", [0, 1, 3])
+def test_result_columns_are_what_pandas_infers_from_python_values(too_long):
+    """The result tables are built from arrays and label codes; every column must still be exactly
+    what pandas infers for the same Python values (strings, None/NaN for missing, numbers)."""
+    n = 6
+    prompts = [100] * (n - too_long) + [5000] * too_long
+    df = pd.DataFrame({"arrival_s": np.arange(n) * 0.5, "prompt_tokens": prompts, "output_tokens": [5] * n,
+                       "request_id": [f"r{k}" for k in range(n)],
+                       "session_id": ["s0", "s0", None, "s1", "s1", None], "tenant": ["a", "b"] * 3})
+    w = Workload(df)
+    cfg = ClusterConfig(workload=w, engine=EngineConfig(num_gpu_blocks=1000, max_model_len=4096),
+                        make_step_model=lambda: LIN, router=make_router("round-robin"), replicas=2)
+    out = Cluster(cfg).run()
+    for table in (out.requests, out.timeseries):
+        rebuilt = pd.DataFrame({c: table[c].tolist() for c in table.columns})
+        for c in table.columns:
+            if table[c].dtype.kind in "iuf":  # numeric widths (e.g. int32 replica ids) are chosen, not inferred
+                continue
+            pd.testing.assert_series_equal(table[c], rebuilt[c], check_exact=True)
+    assert list(out.requests.status) == ["completed"] * (n - too_long) + ["rejected"] * too_long
+    reasons = out.requests.reason.tolist()
+    assert reasons[n - too_long:] == ["exceeds_max_model_len"] * too_long
+    assert all(r is None or r != r for r in reasons[: n - too_long])  # None, or NaN in a string column
+    assert out.requests.request_id.tolist() == [f"r{k}" for k in range(n)]
+    assert set(out.timeseries.state) == {"serving", "replicas=2"}

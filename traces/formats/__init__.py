@@ -7,28 +7,44 @@ Every loader returns a :class:`traces.schema.Workload` with arrivals starting at
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
 from sim.errors import ConfigError
-from traces.formats import azure, bailian, burstgpt, lmbench, mooncake, native, tokenids, vllm_bench
 from traces.formats.common import Loader
 from traces.issues import IssueLog, trace_error
 from traces.readers import head_text
 from traces.schema import Workload
 
+
+def _module(name: str):
+    """A format module, imported on first use: loading one trace (e.g. ``fleetsim run``'s built-in
+    Azure trace) should not import every reader (Parquet, Arrow JSON, ...)."""
+    return importlib.import_module(f"traces.formats.{name}")
+
+
+def _lazy(module: str, func: str) -> Loader:
+    def load(path: Path, log: IssueLog, opts: dict) -> Workload:
+        return getattr(_module(module), func)(path, log, opts)
+
+    load.__name__ = load.__qualname__ = f"{module}.{func}"
+    return load
+
+
+# format name -> loader(path, IssueLog, options) -> Workload
 LOADERS: dict[str, Loader] = {
-    "azure": azure.load,
-    "mooncake": mooncake.load,
-    "bailian": bailian.load,
-    "burstgpt": burstgpt.load,
-    "lmbench": lmbench.load,
-    "tokenids": tokenids.load,
-    "sharegpt": vllm_bench.load_sharegpt,
-    "custom": vllm_bench.load_custom,
-    "parquet": native.load_parquet,
-    "csv": native.load_csv,
-    "jsonl": native.load_jsonl,
+    "azure": _lazy("azure", "load"),
+    "mooncake": _lazy("mooncake", "load"),
+    "bailian": _lazy("bailian", "load"),
+    "burstgpt": _lazy("burstgpt", "load"),
+    "lmbench": _lazy("lmbench", "load"),
+    "tokenids": _lazy("tokenids", "load"),
+    "sharegpt": _lazy("vllm_bench", "load_sharegpt"),
+    "custom": _lazy("vllm_bench", "load_custom"),
+    "parquet": _lazy("native", "load_parquet"),
+    "csv": _lazy("native", "load_csv"),
+    "jsonl": _lazy("native", "load_jsonl"),
 }
 ALIASES = {
     "azure2023": "azure",
@@ -53,6 +69,8 @@ def canonical_format(fmt: str) -> str:
 
 def detect(path: Path) -> str:
     """The format name of ``path`` from its content."""
+    from traces.formats import azure, bailian, burstgpt, lmbench, mooncake, native, tokenids, vllm_bench
+
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"PAR1":

@@ -270,6 +270,14 @@ def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
         raise ConfigError(f"{path}: catalog file not found") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read catalog file: {e.strerror}") from None
+    # libyaml (C) parses ~10x faster; on an error the pure-Python parser reports it (same wording
+    # and line numbers whether or not libyaml is installed).
+    loader = getattr(yaml, "CSafeLoader", None)
+    if loader is not None:
+        try:
+            return yaml.load(text, Loader=loader), yaml.compose(text, Loader=loader)
+        except yaml.YAMLError:
+            pass
     try:
         return yaml.safe_load(text), yaml.compose(text)
     except yaml.YAMLError as e:

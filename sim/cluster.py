@@ -467,11 +467,8 @@ class Cluster:
                 kv = e.kv
                 q = kv.prefix_queries
                 hr = kv.prefix_hits / q if q else 0.0
-                run = e.num_running
-                wait = e.num_waiting
-                usage = kv.usage()
-                pre = e.num_preemptions
-                gen = e.tokens_generated
+                run, wait, free, pre, gen = e.gauges()
+                usage = 1.0 - free / (kv.pool.num_gpu_blocks - 1)  # KVCacheManager.usage()
                 st = r.state
                 code = codes.get(st)
                 if code is None:

@@ -370,6 +370,20 @@ class Engine:
             return self._tokens_generated
         return self._tokens_generated + (run.completed_steps(self._clock()) - run.done) * run.B
 
+    def gauges(self) -> tuple[int, int, int, int, int]:
+        """``(num_running, num_waiting, num_free_blocks, num_preemptions, tokens_generated)`` at the
+        clock's time: what a metrics scrape reads, with a run's progress looked up once."""
+        free = self.kv.pool.free_queue.size
+        gen = self._tokens_generated
+        run = self._run
+        if run is not None:
+            s = run.completed_steps(self._clock())
+            j = min(s + 1, run.k)
+            if j > run.pool_done:
+                free -= run.allocs(j) - run.allocs(run.pool_done)
+            gen += (s - run.done) * run.B
+        return len(self.running), self.num_waiting, free, self.num_preemptions, gen
+
     def _pending_blocks(self) -> int:
         """Blocks the run in flight has taken by now but not yet popped from the free queue."""
         run = self._run

@@ -275,6 +275,10 @@ def test_engine_run_truncated_matches_naive_steps(cut, affine, monkeypatch):
         times.append(times[-1] + LIN.step_time(p.shape))
         naive.update(p, times[-1])
     t["now"] = (times[-2] + times[-1]) / 2  # an arrival in the middle of step `cut`
+    g = fast.gauges()  # a scrape mid-run: the naive engine's gauges, run progress read once
+    assert g == (fast.num_running, fast.num_waiting, fast.kv.num_free_blocks, fast.num_preemptions,
+                 fast.tokens_generated)
+    assert g[2] == naive.kv.num_free_blocks  # the step in flight has its blocks, as in the naive engine
     end = fast.truncate_run(t["now"])
     assert end == (pytest.approx(times[-1], rel=1e-15, abs=0) if affine else times[-1])
     fast.kv.pool.check_invariants()

@@ -336,7 +336,9 @@ def _bulk_itl(hist):
             idx[v <= h_lo] = 0
             for k in np.flatnonzero(np.abs(y - np.rint(y)) < 1e-9).tolist():
                 idx[k] = bucket(float(v[k]))
-            np.add.at(hist.counts, idx, count)
+            counts = hist.counts
+            for k in idx.tolist():
+                counts[k] += count
         hist.total += n * count
         hist.sum += total * count
 

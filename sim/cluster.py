@@ -281,7 +281,10 @@ class Cluster:
         for i in range(self.n):
             if gated is not None and gated[i]:
                 continue  # released when its parent turn finishes
-            t = arrival[i]
+            # A Python float: the clock takes the type of the delays it is given, and numpy float64
+            # arithmetic would then spread to every step end computed from it (same values, ~5x
+            # slower per operation).
+            t = float(arrival[i])
             if t > env.now:
                 yield env.timeout(t - env.now)
             self._arrive(i)

@@ -14,8 +14,10 @@ Every request ends exactly once: completed, rejected (admission, too long, no re
 from __future__ import annotations
 
 import functools
+import gc
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -72,6 +74,26 @@ class ClusterConfig:
     on_progress: Callable[[int, int, float], None] | None = None  # (ended, total, sim_time_s)
     horizon_after_last_arrival_s: float = 7 * 86400.0
     engine_fast_forward: bool = True  # exact fast-forward of decode runs (False: one event per step)
+
+
+@contextmanager
+def _quiet_gc(young: int = 100_000):
+    """Run the event loop with the cyclic garbage collector mostly out of the way.
+
+    Why: a long run keeps millions of live objects (requests, block tables, hash lists); every
+    full collection walks all of them, so collections cost a few percent of a run while finding
+    almost nothing (the loop's garbage is freed by reference counting). The objects alive at the
+    start are frozen (never scanned) and young collections happen every ``young`` net allocations
+    instead of 700. Both are restored on exit, whatever happens.
+    """
+    old = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(young, old[1], old[2])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*old)
+        gc.unfreeze()
 
 
 class _StaleView:
@@ -525,7 +547,8 @@ class Cluster:
             self._progress = tqdm(total=self.n, unit="req", desc="simulating", leave=False, mininterval=0.5)
         try:
             if self.n:
-                self.env.run(until=self._done)
+                with _quiet_gc():
+                    self.env.run(until=self._done)
         finally:
             if self._progress is not None:
                 self._progress.close()

@@ -261,3 +261,13 @@ def test_result_columns_are_what_pandas_infers_from_python_values(too_long):
     assert all(r is None or r != r for r in reasons[: n - too_long])  # None, or NaN in a string column
     assert out.requests.request_id.tolist() == [f"r{k}" for k in range(n)]
     assert set(out.timeseries.state) == {"serving", "replicas=2"}
+
+
+def test_event_loop_restores_the_garbage_collector_settings():
+    import gc
+
+    before = gc.get_threshold()
+    frozen = gc.get_freeze_count()
+    out = _run(_poisson(5, 50), replicas=1)
+    assert out.summary["requests_completed"] == 50
+    assert gc.get_threshold() == before and gc.get_freeze_count() == frozen

@@ -87,13 +87,16 @@ def _quiet_gc(young: int = 100_000):
     instead of 700. Both are restored on exit, whatever happens.
     """
     old = gc.get_threshold()
-    gc.freeze()
+    freeze = gc.get_freeze_count() == 0  # a caller's own frozen set is left alone
+    if freeze:
+        gc.freeze()
     gc.set_threshold(young, old[1], old[2])
     try:
         yield
     finally:
         gc.set_threshold(*old)
-        gc.unfreeze()
+        if freeze:
+            gc.unfreeze()
 
 
 class _StaleView:

@@ -342,10 +342,12 @@ def _bulk_itl(hist):
         hist.total += n * count
         hist.sum += total * count
 
-    # The interior of the last bucket hit, shrunk by a relative 1e-12 so that a value inside it is
-    # surely in that bucket whatever the rounding of log(): most runs' gaps fall in the same bucket
-    # as the previous run's, and then no log() is needed at all.
-    last_hit = [0, 0.0, -1.0]
+    # Interiors of recently hit buckets, shrunk by a relative 1e-12 so that a value inside one is
+    # surely in that bucket whatever the rounding of log(): the gaps of most runs fall in one of a
+    # few buckets (a replica's step time drifts slowly with its context), and then no log() is
+    # needed at all. ``recent`` holds (bucket, inner_lo, inner_hi), most recent first.
+    recent: list[tuple[int, float, float]] = []
+    RECENT = 8
 
     def progression(first: float, step: float, n: int, count: int) -> None:
         """``n`` values ``first + step * i`` (a closed-form decode run's gaps), each ``count`` times.
@@ -355,28 +357,31 @@ def _bulk_itl(hist):
         """
         counts = hist.counts
         last = first + step * (n - 1)
-        b, inner_lo, inner_hi = last_hit
-        if inner_lo <= first and last <= inner_hi:
-            counts[b] += n * count
-        elif (b := bucket(first)) == bucket(last):
-            counts[b] += n * count
-            if b > 0:
-                last_hit[0] = b
-                last_hit[1] = h_lo * math.exp((b - 1) * log_base) * (1.0 + 1e-12)
-                last_hit[2] = h_lo * math.exp(b * log_base) * (1.0 - 1e-12)
+        for b, inner_lo, inner_hi in recent:
+            if inner_lo <= first and last <= inner_hi:
+                counts[b] += n * count
+                break
         else:
-            i = 0
-            while i < n:
-                b = bucket(first + step * i)
-                lo, hi = i, n - 1  # the last index still in bucket b
-                while lo < hi:
-                    mid = (lo + hi + 1) // 2
-                    if bucket(first + step * mid) == b:
-                        lo = mid
-                    else:
-                        hi = mid - 1
-                counts[b] += (lo - i + 1) * count
-                i = lo + 1
+            b = bucket(first)
+            if b == bucket(last):
+                counts[b] += n * count
+                if b > 0:
+                    recent.insert(0, (b, h_lo * math.exp((b - 1) * log_base) * (1.0 + 1e-12),
+                                      h_lo * math.exp(b * log_base) * (1.0 - 1e-12)))
+                    del recent[RECENT:]
+            else:
+                i = 0
+                while i < n:
+                    b = bucket(first + step * i)
+                    lo, hi = i, n - 1  # the last index still in bucket b
+                    while lo < hi:
+                        mid = (lo + hi + 1) // 2
+                        if bucket(first + step * mid) == b:
+                            lo = mid
+                        else:
+                            hi = mid - 1
+                    counts[b] += (lo - i + 1) * count
+                    i = lo + 1
         hist.total += n * count
         hist.sum += (n * first + step * (n * (n - 1) // 2)) * count
 

@@ -157,18 +157,18 @@ class DecodeRun:
     step in flight (its blocks were allocated when it was scheduled), exactly as the naive path.
     """
 
-    __slots__ = ("reqs", "B", "k", "ends", "c0", "L", "nc", "done", "pool_done",
+    __slots__ = ("reqs", "B", "k", "ends", "c0", "first", "nc", "done", "pool_done",
                  "memo", "allocs", "dc0", "times", "dmin", "dmax", "t0", "monotone")
 
     FIRST_CHUNK = 512  # step durations are computed in chunks (512, then x4 in total): many runs are cut short
 
-    def __init__(self, reqs, c0, L, nc, k, allocs, times, t0, monotone=False):
+    def __init__(self, reqs, c0, first, nc, k, allocs, times, t0, monotone=False):
         self.reqs: list[EngineRequest] = reqs
         self.monotone = monotone  # the model promises nondecreasing durations over a run
         self.t0 = t0  # start of the first step
         self.B = len(reqs)
         self.c0: list[int] = c0  # computed tokens at the start
-        self.L: list[int] = L  # blocks held at the start
+        self.first: list[int] = first  # step at which each request needs its next new block
         self.nc: list[int] = nc  # registered (hashed) blocks at the start
         self.allocs: Callable[[int], int] = allocs  # new blocks allocated in steps 1..j
         self.k = k  # steps in the run (shrinks if truncated)
@@ -261,8 +261,8 @@ class AffineDecodeRun(DecodeRun):
 
     __slots__ = ("d1", "a")
 
-    def __init__(self, reqs, c0, L, nc, k, allocs, t0, T: float, g: float):
-        super().__init__(reqs, c0, L, nc, k, allocs, None, t0, True)
+    def __init__(self, reqs, c0, first, nc, k, allocs, t0, T: float, g: float):
+        super().__init__(reqs, c0, first, nc, k, allocs, None, t0, True)
         self.d1 = T + g * self.dc0  # duration of step 1
         self.a = g * self.B  # growth of the duration per step
         self.dmin = self.d1
@@ -639,7 +639,7 @@ class Engine:
             return None
         bs = cfg.block_size
         c0: list[int] = []
-        L: list[int] = []
+        first: list[int] = []  # step of each request's next new block
         nc: list[int] = []
         k = max_steps
         max_c = 0
@@ -653,7 +653,7 @@ class Engine:
             if c > max_c:
                 max_c = c
             c0.append(c)
-            L.append(len(r.blocks))
+            first.append(len(r.blocks) * bs - c + 1)
             nc.append(r.num_cached_blocks)
         k = min(k, cfg.max_model_len - 1 - max_c)
         if k < min_steps:
@@ -661,7 +661,6 @@ class Engine:
         # Blocks: the largest k whose cumulative allocations fit in the free blocks.
         kv = self.kv
         free0 = kv.pool.free_queue.size
-        first = [Lr * bs - cr + 1 for Lr, cr in zip(L, c0)]  # step of each request's next new block
         allocs = _alloc_counter(first, bs)
         if allocs(k) > free0:
             lo, hi = 0, k  # allocs(lo) <= free0 < allocs(hi)
@@ -719,7 +718,7 @@ class Engine:
             if Tg is False:
                 Tg = self._affine_memo[B] = self._affine_fn(B)
             if Tg is not None and Tg[0] > 0 and Tg[1] >= 0:
-                run = AffineDecodeRun(list(running), c0, L, nc, k, allocs, now, Tg[0], Tg[1])
+                run = AffineDecodeRun(list(running), c0, first, nc, k, allocs, now, Tg[0], Tg[1])
                 self._run = run
                 self.kv.pending_sync = self.sync
                 self.kv.pending_blocks = self._pending_blocks
@@ -732,7 +731,7 @@ class Engine:
             def fn(num_seqs: int, dc: int, n: int, out: np.ndarray) -> np.ndarray:
                 out[:] = [st(BatchShape(decode_seqs=num_seqs, decode_context=dc + j * num_seqs)) for j in range(n)]
                 return out
-        run = DecodeRun(list(running), c0, L, nc, k, allocs, fn, now, monotone)
+        run = DecodeRun(list(running), c0, first, nc, k, allocs, fn, now, monotone)
         self._run = run
         self.kv.pending_sync = self.sync
         self.kv.pending_blocks = self._pending_blocks
@@ -812,8 +811,7 @@ class Engine:
         kv = self.kv
         # Allocations: (step, running position) pairs, step-major like the naive schedule loop.
         events: list[tuple[int, int]] = []
-        for pos, (Lr, cr) in enumerate(zip(run.L, run.c0)):
-            s = Lr * bs - cr + 1  # this request's first new block
+        for pos, s in enumerate(run.first):  # s: this request's first new block
             if s <= p:
                 s += ((p - s) // bs + 1) * bs
             while s <= j:

@@ -1,7 +1,8 @@
 """The cluster: trace arrivals -> admission -> router -> replicas -> metrics, in one SimPy environment.
 
 Processes:
-- ``_arrivals``: releases each workload request at its arrival time and dispatches it.
+- the arrival chain (``_arrivals_due``, one event per arrival time, not a process: it runs once
+  per request): releases each workload request at its arrival time and dispatches it.
 - ``_autoscale`` (if an autoscaler is configured): every sync period, asks the policy for the
   desired size and starts (cold) or drains replicas.
 - ``_sample``: every ``sample_interval_s``, records the gauges of each replica and the cluster.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import functools
 import gc
 import time
+from array import array
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,6 +26,8 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 import simpy
+from simpy.core import NORMAL, URGENT
+from simpy.events import Event
 
 from policies.base import Autoscaler, ClusterView, ReplicaState, Router, RoutingRequest
 from sim.engine import EngineConfig, EngineRequest
@@ -38,6 +42,7 @@ from traces.schema import Workload
 _STATUS_NAMES = {0: "pending", 1: COMPLETED, 2: REJECTED, 3: FAILED}
 _STATUS_LABELS = [_STATUS_NAMES[k] for k in range(len(_STATUS_NAMES))]  # code -> status
 _STATUS_CODES = {COMPLETED: 1, REJECTED: 2, FAILED: 3}
+_SERVING = ReplicaState.SERVING
 
 
 @dataclass
@@ -97,6 +102,23 @@ def _quiet_gc(young: int = 100_000):
         gc.set_threshold(*old)
         if freeze:
             gc.unfreeze()
+
+
+class _Wakeup(Event):
+    """A triggered event ``delay`` from now that calls ``callback``: a :class:`simpy.Timeout`
+    without the process around it.
+
+    Why: a process resume per arrival (generator send, target bookkeeping) costs more than the
+    arrival's own work. Scheduled exactly like ``env.timeout(delay)`` (time ``now + delay``, the
+    next event id), so the event order is the one a process would give.
+    """
+
+    def __init__(self, env: simpy.Environment, delay: float, priority: int, callback) -> None:
+        self.env = env
+        self.callbacks = [callback]
+        self._value = None
+        self._ok = True
+        env.schedule(self, priority, delay)
 
 
 class _StaleView:
@@ -159,21 +181,23 @@ class Cluster:
         self.think = None
         if cfg.closed_loop:
             self._link_sessions(df)
-        # Outcome columns, filled when each request ends.
+        # Outcome columns, filled when each request ends. Typed arrays (array.array), not numpy:
+        # the same memory, but storing one Python scalar costs a third of a numpy item write, and
+        # there are ~10 per request. ``_collect`` views them as numpy arrays without a copy.
         n = self.n
-        self.o_status = np.zeros(n, dtype=np.int8)
-        self.o_replica = np.full(n, -1, dtype=np.int32)
-        self.o_cached = np.zeros(n, dtype=np.int64)
-        self.o_out = np.zeros(n, dtype=np.int64)
-        self.o_queue = np.full(n, np.nan)
-        self.o_ttft = np.full(n, np.nan)
-        self.o_tpot = np.full(n, np.nan)
-        self.o_e2e = np.full(n, np.nan)
-        self.o_finish = np.full(n, np.nan)
-        self.o_preempt = np.zeros(n, dtype=np.int32)
-        self.o_retries = np.zeros(n, dtype=np.int32)
+        self.o_status = _column("b", 0, n)  # int8
+        self.o_replica = _column("i", -1, n)  # int32
+        self.o_cached = _column("q", 0, n)  # int64
+        self.o_out = _column("q", 0, n)
+        self.o_queue = _column("d", np.nan, n)
+        self.o_ttft = _column("d", np.nan, n)
+        self.o_tpot = _column("d", np.nan, n)
+        self.o_e2e = _column("d", np.nan, n)
+        self.o_finish = _column("d", np.nan, n)
+        self.o_preempt = _column("i", 0, n)  # int32
+        self.o_retries = _column("i", 0, n)
         # Why a request ended, as a code into _reason_labels (0: no reason, i.e. completed).
-        self.o_reason = np.zeros(n, dtype=np.int16)
+        self.o_reason = _column("h", 0, n)  # int16
         self._reason_labels: list[str | None] = [None]
         self._reason_codes: dict[str | None, int] = {None: 0}
         self.ended = 0
@@ -181,8 +205,11 @@ class Cluster:
         self.replicas: list[Replica] = []  # every replica ever created, by id
         self.active: list[Replica] = []  # starting / serving / draining
         self.pending: deque[EngineRequest] = deque()  # waiting for any replica to be serving
+        # RoutingRequest of each routed, unfinished request: kept only when a router or admission
+        # on_finished hook will want it back (see _needs_routing).
         self._routing: dict[int, RoutingRequest] = {}
-        self._owner: dict[int, Replica] = {}
+        self._serving: tuple[Replica, ...] | None = None  # SERVING members of active; None: stale
+        self._active_version = 0  # bumped whenever self.active changes (the sampler's cache key)
         self._views: dict[int, _StaleView] = {}
         self._views_refreshed_s = -1.0
         self.series = TimeSeries()
@@ -196,6 +223,24 @@ class Cluster:
         self.incomplete = False
         # Requests still in the system this long after the last arrival are declared stuck.
         self._horizon = (float(self.arrival[-1]) if n else 0.0) + cfg.horizon_after_last_arrival_s
+        self._next_arrival = 0  # index of the next row the arrival chain looks at
+        # Per-request reads of the workload columns go through memoryviews: a Python scalar per
+        # read without numpy's scalar boxing, and no copy of the columns (closed-loop release times
+        # written into self.arrival are seen through its view).
+        self._arrival_mv = _scalars(self.arrival)
+        self._gated_mv = _scalars(self.has_parent) if self.children is not None else None
+        self._prompt_mv = _scalars(self.prompt)
+        self._output_mv = _scalars(self.output)
+        self._priority_mv = _scalars(self.priority) if self.priority is not None else None
+        self._block_size = cfg.engine.block_size
+        self._max_model_len = cfg.engine.max_model_len
+        # Hooks that are the base class's no-ops are not called, and a RoutingRequest is kept
+        # after routing only when some on_finished hook will receive it.
+        router = cfg.router
+        self._router_on_routed = _override(router, Router, "on_routed")
+        self._router_on_finished = _override(router, Router, "on_finished")
+        self._admission_on_finished = getattr(cfg.admission, "on_finished", None) if cfg.admission is not None else None
+        self._needs_routing = self._router_on_finished is not None or self._admission_on_finished is not None
 
     def _link_sessions(self, df: pd.DataFrame) -> None:
         """Closed loop: a turn whose parent is in the table waits for the parent to finish."""
@@ -241,17 +286,25 @@ class Cluster:
                     cfg.num_gpus_per_replica, cfg.usd_per_gpu_hour)
         self.replicas.append(r)
         self.active.append(r)
+        self._active_version += 1
+        self._serving = None
         if cfg.failures.mtbf_s:
             self.env.process(self._random_failure(r))
         return r
 
     def on_replica_ready(self, r: Replica) -> None:
+        self._serving = None
         while self.pending and r.state == ReplicaState.SERVING:
             self._dispatch(self.pending.popleft())
+
+    def on_replica_draining(self, r: Replica) -> None:
+        self._serving = None
 
     def on_replica_ended(self, r: Replica) -> None:
         if r in self.active:
             self.active.remove(r)
+            self._active_version += 1
+        self._serving = None
         kv = r.engine.kv
         self._prefix_queries_ended += kv.prefix_queries
         self._prefix_hits_ended += kv.prefix_hits
@@ -285,38 +338,64 @@ class Cluster:
     # -- arrivals, admission, routing ----------------------------------------------------------
     def _engine_request(self, i: int) -> EngineRequest:
         hashes, shared = self._prompt_hashes(i)  # engine_block_hashes of row i, precomputed vectorised
-        pr = int(self.priority[i]) if self.priority is not None else 0
-        return EngineRequest(i, float(self.arrival[i]), int(self.prompt[i]), int(self.output[i]), hashes, pr,
-                             num_shared_blocks=shared)
+        pr = self._priority_mv[i] if self._priority_mv is not None else 0
+        return EngineRequest(i, self._arrival_mv[i], self._prompt_mv[i], self._output_mv[i], hashes, pr, shared)
 
     def _routing_request(self, req: EngineRequest) -> RoutingRequest:
+        # Positional (field order of RoutingRequest): keywords cost more, once per request.
         i = req.idx
         return RoutingRequest(
-            request_id=i, arrival_s=req.arrival_s, prompt_tokens=req.prompt_tokens,
-            output_tokens=req.max_output_tokens, block_hashes=req.block_hashes[: req.prompt_tokens // self.cfg.engine.block_size],
-            session_id=None if self.session is None else _opt_str(self.session[i]),
-            tenant=None if self.tenant is None else _opt_str(self.tenant[i]),
-            priority=req.priority,
+            i, req.arrival_s, req.prompt_tokens, req.max_output_tokens,
+            # A copy: the engine extends its list in place with the hashes of generated blocks.
+            req.block_hashes[: req.prompt_tokens // self._block_size],
+            None if self.session is None else _opt_str(self.session[i]),
+            None if self.tenant is None else _opt_str(self.tenant[i]),
+            req.priority,
         )
 
-    def _arrivals(self):
+    def _start_arrivals(self) -> None:
+        """Start the arrival chain: at each arrival time, an event whose callback releases every
+        request arriving then and schedules the next one.
+
+        Why not a process: this is exactly what a generator yielding ``env.timeout(t - now)``
+        does (same event times, priorities and id order: the first event is URGENT now, like a
+        process's start), minus a generator resume per arrival.
+        """
         env = self.env
-        arrival = self.arrival
-        gated = self.has_parent if self.children is not None else None
-        for i in range(self.n):
+        ev = Event(env)
+        ev.callbacks.append(self._arrivals_due)
+        ev._ok = True
+        ev._value = None
+        env.schedule(ev, URGENT)
+
+    def _arrivals_due(self, _event) -> None:
+        """Release the requests due now; schedule the next arrival."""
+        env = self.env
+        arrival = self._arrival_mv
+        gated = self._gated_mv
+        n = self.n
+        i = self._next_arrival
+        while i < n:
             if gated is not None and gated[i]:
+                i += 1
                 continue  # released when its parent turn finishes
-            # A Python float: the clock takes the type of the delays it is given, and numpy float64
-            # arithmetic would then spread to every step end computed from it (same values, ~5x
-            # slower per operation).
-            t = float(arrival[i])
-            if t > env.now:
-                yield env.timeout(t - env.now)
-            self._arrive(i)
+            # A Python float (a memoryview item): the clock takes the type of the delays it is
+            # given, and numpy float64 arithmetic would then spread to every step end computed
+            # from it (same values, ~5x slower per operation).
+            t = arrival[i]
+            now = env._now
+            if t > now:
+                self._next_arrival = i
+                _Wakeup(env, t - now, NORMAL, self._arrivals_due)  # at now + (t - now), as env.timeout
+                return
+            i += 1
+            self._next_arrival = i
+            self._arrive(i - 1)
+        self._next_arrival = n
 
     def _arrive(self, i: int) -> None:
         self.arrived += 1
-        if self.prompt[i] + self.output[i] > self.cfg.engine.max_model_len:
+        if self._prompt_mv[i] + self._output_mv[i] > self._max_model_len:
             # vLLM's API server refuses these with HTTP 400 before they reach the engine.
             self._end_index(i, REJECTED, "exceeds_max_model_len")
             return
@@ -329,7 +408,11 @@ class Cluster:
         self._dispatch(req)
 
     def _dispatch(self, req: EngineRequest) -> None:
-        serving = [r for r in self.active if r.state == ReplicaState.SERVING]
+        serving = self._serving
+        if serving is None:
+            # Rebuilt only after a replica started, became ready, ended or was drained (every
+            # state change goes through the cluster): not a scan of the fleet per request.
+            serving = self._serving = tuple(r for r in self.active if r.state == ReplicaState.SERVING)
         if not serving:
             if any(r.state == ReplicaState.STARTING for r in self.active) or self.cfg.autoscaler is not None:
                 self.pending.append(req)  # the gateway holds it until a replica is ready
@@ -337,17 +420,21 @@ class Cluster:
                 self._end_unserved(req, REJECTED, "no_replicas")
             return
         rreq = self._routing_request(req)
-        views = self._router_views(serving)
-        rid = self.cfg.router.route(rreq, views, self.env.now)
-        target = self.replicas[rid] if 0 <= rid < len(self.replicas) else None
-        if target is None or target.state != ReplicaState.SERVING:
+        views = serving if self.cfg.staleness_s <= 0 else self._router_views(serving)
+        now = self.env._now
+        rid = self.cfg.router.route(rreq, views, now)
+        replicas = self.replicas
+        target = replicas[rid] if 0 <= rid < len(replicas) else None
+        if target is None or target.state != _SERVING:
             raise RuntimeError(f"router {self.cfg.router.name!r} chose replica {rid}, which is not serving")
         target.inflight_requests += 1
         target.inflight_tokens += req.prompt_tokens + req.max_output_tokens
-        self._routing[req.idx] = rreq
-        self._owner[req.idx] = target
-        self.o_replica[req.idx] = rid
-        self.cfg.router.on_routed(rreq, rid, self.env.now)
+        i = req.idx
+        if self._needs_routing:
+            self._routing[i] = rreq
+        self.o_replica[i] = rid
+        if self._router_on_routed is not None:
+            self._router_on_routed(rreq, rid, now)
         target.submit(req)
 
     def _router_views(self, serving: list[Replica]):
@@ -374,27 +461,33 @@ class Cluster:
     def _release(self, req: EngineRequest, r: Replica) -> None:
         r.inflight_requests -= 1
         r.inflight_tokens -= req.prompt_tokens + req.max_output_tokens
-        rreq = self._routing.pop(req.idx, None)
-        self._owner.pop(req.idx, None)
-        if rreq is not None:
-            self.cfg.router.on_finished(rreq, r.replica_id, self.env.now)
-            adm = self.cfg.admission
-            if adm is not None and hasattr(adm, "on_finished"):
-                adm.on_finished(rreq, self.env.now, req.num_output_tokens)
+        if self._needs_routing:
+            rreq = self._routing.pop(req.idx, None)
+            if rreq is not None:
+                now = self.env._now
+                if self._router_on_finished is not None:
+                    self._router_on_finished(rreq, r.replica_id, now)
+                if self._admission_on_finished is not None:
+                    self._admission_on_finished(rreq, now, req.num_output_tokens)
 
     # -- endings --------------------------------------------------------------------------------
     def on_request_finished(self, r: Replica, req: EngineRequest) -> None:
         self._release(req, r)
         i = req.idx
+        arrival_s = req.arrival_s
+        first_token_s = req.first_token_s
+        finish_s = req.finish_s
+        n_out = req.num_output_tokens
         self.o_cached[i] = max(req.cached_tokens, 0)
-        self.o_out[i] = req.num_output_tokens
-        self.o_queue[i] = req.first_scheduled_s - req.arrival_s
-        self.o_ttft[i] = req.first_token_s - req.arrival_s
-        if req.num_output_tokens > 1:
-            self.o_tpot[i] = (req.finish_s - req.first_token_s) / (req.num_output_tokens - 1)
-        self.o_e2e[i] = req.finish_s - req.arrival_s
-        self.o_finish[i] = req.finish_s
-        self.o_preempt[i] += req.num_preemptions
+        self.o_out[i] = n_out
+        self.o_queue[i] = req.first_scheduled_s - arrival_s
+        self.o_ttft[i] = first_token_s - arrival_s
+        if n_out > 1:
+            self.o_tpot[i] = (finish_s - first_token_s) / (n_out - 1)
+        self.o_e2e[i] = finish_s - arrival_s
+        self.o_finish[i] = finish_s
+        if req.num_preemptions:
+            self.o_preempt[i] += req.num_preemptions
         self._end_index(i, COMPLETED, None)
 
     def _end_unserved(self, req: EngineRequest, status: str, reason: str) -> None:
@@ -453,7 +546,7 @@ class Cluster:
             # Cancel replicas still starting first (newest first), then drain the least loaded.
             order = sorted(current, key=lambda r: (r.state != ReplicaState.STARTING, r.inflight_requests, -r.replica_id))
             for r in order[: len(current) - desired]:
-                r.drain()
+                r.drain()  # (each tells on_replica_draining: drained replicas take no new work)
 
     def _random_failure(self, r: Replica):
         ttf = float(self.rng_failures.exponential(self.cfg.failures.mtbf_s))
@@ -484,24 +577,28 @@ class Cluster:
         cluster_codes: dict[int, int] = {}  # replicas serving or starting -> code of "replicas=N"
         serving, starting = ReplicaState.SERVING, ReplicaState.STARTING
         nan = np.nan
+        rows: list[tuple] = []  # per active replica: (replica, gauges, kv manager, id, usable blocks)
+        rows_version = -1  # self._active_version that rows was built for
         while True:
             t = env.now
             run_sum = wait_sum = gen_sum = pre_sum = 0
             kv_sum = 0.0
             n_rep = 0
             active = self.active
-            for r in active:
-                e = r.engine
-                kv = e.kv
+            if rows_version != self._active_version:  # replicas started or ended since the last tick
+                rows = [(r, r.engine.gauges, r.engine.kv, r.replica_id, r.engine.kv.pool.num_gpu_blocks - 1)
+                        for r in active]
+                rows_version = self._active_version
+            for r, gauges, kv, rid, usable in rows:
                 q = kv.prefix_queries
                 hr = kv.prefix_hits / q if q else 0.0
-                run, wait, free, pre, gen = e.gauges()
-                usage = 1.0 - free / (kv.pool.num_gpu_blocks - 1)  # KVCacheManager.usage()
+                run, wait, free, pre, gen = gauges()
+                usage = 1.0 - free / usable  # KVCacheManager.usage()
                 st = r.state
                 code = codes.get(st)
                 if code is None:
                     code = series.code(st.value)
-                ints += (r.replica_id, code, run, wait, pre, gen, r.inflight_requests)
+                ints += (rid, code, run, wait, pre, gen, r.inflight_requests)
                 floats += (usage, hr)
                 run_sum += run
                 wait_sum += wait
@@ -538,7 +635,7 @@ class Cluster:
         wall0 = time.perf_counter()
         for _ in range(cfg.replicas):
             self._start_replica(cold=cfg.initial_cold_start)
-        self.env.process(self._arrivals())
+        self._start_arrivals()
         self.env.process(self._sample())
         if cfg.autoscaler is not None:
             self.env.process(self._autoscale())
@@ -559,6 +656,9 @@ class Cluster:
         return self._collect(wall)
 
     def _collect(self, wall: float) -> "RunOutput":
+        # The outcome columns as numpy arrays from here on (views of the typed arrays, no copy).
+        for name in _OUTCOME_COLUMNS:
+            setattr(self, name, np.asarray(getattr(self, name)))
         now = self.env.now
         n = self.n
         if int((self.o_status != 0).sum()) != n:
@@ -670,6 +770,30 @@ def _inferred_str_dtype():
 def _isnan(v) -> bool:
     """Missing scalar: None, NaN or pandas' NA (never true for a list/array)."""
     return v is None or v is pd.NA or (isinstance(v, float) and v != v)
+
+
+_OUTCOME_COLUMNS = ("o_status", "o_replica", "o_cached", "o_out", "o_queue", "o_ttft", "o_tpot", "o_e2e",
+                    "o_finish", "o_preempt", "o_retries", "o_reason")
+
+
+def _column(typecode: str, fill, n: int) -> array:
+    """``n`` copies of ``fill`` in a typed array (``array.array``: a numpy dtype's memory, cheap scalar stores)."""
+    return array(typecode, [fill]) * n
+
+
+def _scalars(a: np.ndarray):
+    """Read-only per-item access to a numeric column that yields Python scalars (a memoryview of it)."""
+    if a.dtype.kind not in "biuf" or a.ndim != 1:
+        return a.tolist()  # pragma: no cover - the columns read this way are numeric vectors
+    return memoryview(a).toreadonly()  # strided or not: a view, never a copy
+
+
+def _override(obj, base: type, name: str):
+    """``obj.name`` bound, or None when it is ``base``'s own (a no-op hook not worth a call)."""
+    fn = getattr(obj, name, None)
+    if fn is None or (getattr(type(obj), name, None) is getattr(base, name) and name not in getattr(obj, "__dict__", ())):
+        return None
+    return fn
 
 
 def _opt_str(v) -> str | None:

@@ -288,6 +288,7 @@ class Replica:
         if self.state != ReplicaState.SERVING:
             return
         self.state = ReplicaState.DRAINING
+        self.cluster.on_replica_draining(self)  # it leaves the set routers choose from
         if self._idle:
             self._idle = False
             self._schedule_wake()

@@ -239,25 +239,9 @@ class BlockPool:
         out = self.free_queue.pop_many(n)
         rc, bh = self.ref_cnt, self.block_hash
         evicted = 0
-        if not k and (not num_unique or num_unique >= n):
-            # All the blocks end with the same mark (the common case, and every 1-block decode
-            # allocation): one loop, no set-up.
-            mark = UNIQUE if num_unique else None
-            for b in out:
-                rc[b] = 1
-                h = bh[b]
-                bh[b] = mark
-                if h is not None:  # a cached free block: evict its hash
-                    evicted += 1
-                    if h is not UNIQUE:
-                        if cached.get(h) == b:  # the common case: the hash maps to this block only
-                            del cached[h]
-                        else:
-                            self._unmap(b, h)
-            self.evictions += evicted
-            return out
-        # Three runs of blocks, each with the mark it ends up with: one loop per run, no
-        # per-block test of which run a block is in.
+        # Up to three runs of blocks, each with the mark it ends up with: one loop per run, no
+        # per-block test of which run a block is in (usually one run: all unique, or all unmarked
+        # as in every 1-block decode allocation).
         e1 = min(k, n)
         e2 = min(k + num_unique, n)
         if e1:

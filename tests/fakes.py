@@ -28,3 +28,20 @@ class FakeView:
                 break
             n += 1
         return n
+
+
+class ScriptedAutoscaler:
+    """An autoscaler that follows a fixed schedule of desired sizes (tests the cluster mechanics)."""
+
+    name = "scripted"
+    sync_period_s = 5.0
+
+    def __init__(self, plan):
+        self.plan = plan  # list of (from_time, desired)
+
+    def desired(self, now, cluster):
+        d = cluster.current
+        for t, n in self.plan:
+            if now >= t:
+                d = n
+        return d

@@ -9,6 +9,7 @@ from policies import make_router
 from sim.cluster import Cluster, ClusterConfig, FailureConfig
 from sim.engine import EngineConfig
 from sim.step_time import BatchShape, LinearStepTime
+from tests.fakes import ScriptedAutoscaler
 from traces.schema import Workload
 
 LIN = LinearStepTime({"const": 0.004, "prefill_tokens": 6e-5, "prefill_attn": 1e-9, "decode_seqs": 2e-4,
@@ -145,26 +146,9 @@ def test_staleness_view_lags_between_scrapes():
     pd.testing.assert_series_equal(fresh.requests.replica, stale.requests.replica)
 
 
-class _Scripted:
-    """An autoscaler that follows a fixed schedule of desired sizes (tests the cluster mechanics)."""
-
-    name = "scripted"
-    sync_period_s = 5.0
-
-    def __init__(self, plan):
-        self.plan = plan  # list of (from_time, desired)
-
-    def desired(self, now, cluster):
-        d = cluster.current
-        for t, n in self.plan:
-            if now >= t:
-                d = n
-        return d
-
-
 def test_scale_out_cold_start_and_scale_in_drains():
     w = _poisson(8, 800, prompt=300, output=100, seed=17)  # ~100 s of traffic
-    out = _run(w, replicas=1, autoscaler=_Scripted([(20.0, 3), (60.0, 1)]), min_replicas=1, max_replicas=4,
+    out = _run(w, replicas=1, autoscaler=ScriptedAutoscaler([(20.0, 3), (60.0, 1)]), min_replicas=1, max_replicas=4,
                cold_start=lambda rng: 10.0, sample_interval_s=1.0)
     s = out.summary
     assert s["requests_completed"] == 800 and s["replicas_max"] == 3 and s["replicas_started"] == 3

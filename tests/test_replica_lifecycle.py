@@ -8,24 +8,10 @@ from policies import make_router
 from sim.cluster import Cluster, ClusterConfig
 from sim.engine import EngineConfig
 from sim.step_time import LinearStepTime
+from tests.fakes import ScriptedAutoscaler
 from traces.schema import Workload
 
 LIN = LinearStepTime({"const": 0.005, "prefill_tokens": 5e-5, "decode_seqs": 1e-4, "decode_context": 2e-8})
-
-
-class _Scripted:
-    name = "scripted"
-    sync_period_s = 5.0
-
-    def __init__(self, plan):
-        self.plan = plan  # (from_time, desired) pairs
-
-    def desired(self, now, cluster):
-        d = cluster.current
-        for t, n in self.plan:
-            if now >= t:
-                d = n
-        return d
 
 
 def _run(plan, cold_start_s):
@@ -34,7 +20,7 @@ def _run(plan, cold_start_s):
     df = pd.DataFrame({"arrival_s": np.sort(rng.uniform(0, 80, n)), "prompt_tokens": np.full(n, 200),
                        "output_tokens": np.full(n, 40)})
     cfg = ClusterConfig(workload=Workload(df), engine=EngineConfig(num_gpu_blocks=5000), make_step_model=lambda: LIN,
-                        router=make_router("round-robin"), replicas=1, autoscaler=_Scripted(plan), min_replicas=1,
+                        router=make_router("round-robin"), replicas=1, autoscaler=ScriptedAutoscaler(plan), min_replicas=1,
                         max_replicas=4, cold_start=lambda rng: cold_start_s)
     return Cluster(cfg).run()
 

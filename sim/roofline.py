@@ -221,23 +221,32 @@ class RooflineStepTime:
         (``prefill_attn`` is 0), so ``hypot(A * dc, M * dc) = dc * hypot(A, M)``: the step time is
         affine in ``dc`` and a decode run's step ends have a closed form (sim.engine.AffineDecodeRun).
         """
+        if num_seqs <= 0:
+            return None
+        t = self._decode_batch_terms(num_seqs) + self._decode_comm_term(num_seqs)
+        if t <= 0:
+            return None  # step_time() would clamp: not affine
+        return t, math.hypot(self._attn_flops_per_pair / self._attn_flops_s, self._kv_bytes_per_token / self._mem_bytes_s)
+
+    def _decode_batch_terms(self, num_seqs: int) -> float:
+        """The part of a pure-decode step's time that depends on the batch size only (overheads,
+        weights and GEMMs), computed with the same operations in the same order as step_time()."""
         tokens = seqs = num_seqs
         t = self.step_overhead_s + self.per_seq_overhead_s * seqs
-        if tokens <= 0:
-            return None
         gemm_c = (self._gemm_flops_per_token * tokens + self._lm_head_flops_per_seq * seqs) / self._gemm_flops_s
         w = self._fixed_weight_bytes
         if self.model.is_moe:
             w += self.model.num_layers * self.experts_touched(tokens) * self._expert_bytes
-        t += math.hypot(gemm_c, w / self._mem_bytes_s)
+        return t + math.hypot(gemm_c, w / self._mem_bytes_s)
+
+    def _decode_comm_term(self, num_seqs: int) -> float:
+        """Tensor-parallel all-reduces of a pure-decode step (0 at TP=1), as in step_time()."""
         tp = self.tensor_parallel
-        if tp > 1:
-            t += 2 * self.model.num_layers * (
-                self.comm_latency_s
-                + 2.0 * (tp - 1) / tp * tokens * self._allreduce_bytes_per_token / self._link_bytes_s)
-        if t <= 0:
-            return None  # step_time() would clamp: not affine
-        return t, math.hypot(self._attn_flops_per_pair / self._attn_flops_s, self._kv_bytes_per_token / self._mem_bytes_s)
+        if tp <= 1:
+            return 0.0
+        return 2 * self.model.num_layers * (
+            self.comm_latency_s
+            + 2.0 * (tp - 1) / tp * num_seqs * self._allreduce_bytes_per_token / self._link_bytes_s)
 
     def decode_run_times(self, num_seqs: int, context_sum_start: int, k: int, out=None):
         """Durations of ``k`` consecutive decode-only steps (``num_seqs`` sequences, context sum
@@ -252,18 +261,13 @@ class RooflineStepTime:
         """
         import numpy as np
 
-        tokens = seqs = num_seqs
-        t = self.step_overhead_s + self.per_seq_overhead_s * seqs
         if out is None:
             out = np.empty(k)
-        if tokens <= 0:
+        if num_seqs <= 0:
+            t = self.step_overhead_s + self.per_seq_overhead_s * num_seqs
             out[:] = t if t > 0 else 1e-6
             return out
-        gemm_c = (self._gemm_flops_per_token * tokens + self._lm_head_flops_per_seq * seqs) / self._gemm_flops_s
-        w = self._fixed_weight_bytes
-        if self.model.is_moe:
-            w += self.model.num_layers * self.experts_touched(tokens) * self._expert_bytes
-        t += math.hypot(gemm_c, w / self._mem_bytes_s)
+        t = self._decode_batch_terms(num_seqs)
         # prefill_attn is 0.0 here, so (pa + dc) and (dc + pa / Q_TILE) are exactly dc.
         dc = np.arange(context_sum_start, context_sum_start + k * num_seqs, num_seqs, dtype=np.float64)[:k]
         a = self._attn_flops_per_pair * dc
@@ -272,11 +276,8 @@ class RooflineStepTime:
         dc /= self._mem_bytes_s
         np.hypot(a, dc, out=out)
         out += t
-        tp = self.tensor_parallel
-        if tp > 1:
-            out += 2 * self.model.num_layers * (
-                self.comm_latency_s
-                + 2.0 * (tp - 1) / tp * tokens * self._allreduce_bytes_per_token / self._link_bytes_s)
+        if self.tensor_parallel > 1:
+            out += self._decode_comm_term(num_seqs)
         if t <= 0:
             out[out <= 0] = 1e-6
         return out

@@ -58,7 +58,8 @@ def resolve_deployment(sc: Scenario) -> Deployment:
         num_gpu_blocks=plan.num_gpu_blocks, block_size=e.block_size, max_num_batched_tokens=max_batched,
         max_num_seqs=max_seqs, max_model_len=plan.max_model_len, enable_chunked_prefill=e.enable_chunked_prefill,
         enable_prefix_caching=e.enable_prefix_caching, scheduling_policy=e.scheduling_policy,
-        watermark=e.watermark, long_prefill_token_threshold=e.long_prefill_token_threshold)
+        watermark=e.watermark, long_prefill_token_threshold=e.long_prefill_token_threshold,
+        scheduler_reserve_full_isl=e.scheduler_reserve_full_isl)
     price = c.usd_per_gpu_hour if c.usd_per_gpu_hour is not None else gpu.usd_per_hour
     return Deployment(gpu, model, plan, engine, float(price), c.tensor_parallel)
 

@@ -112,6 +112,10 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"  # or "priority"
     watermark: float = 0.0
     long_prefill_token_threshold: int = 0
+    # vLLM's SchedulerConfig.scheduler_reserve_full_isl (default True in vLLM 0.32): a WAITING
+    # request is admitted only if its whole current sequence fits in the free blocks, not just the
+    # chunk scheduled now (KVCacheManager.allocate_slots(full_sequence_must_fit=...)).
+    scheduler_reserve_full_isl: bool = True
 
 
 class StepPlan:
@@ -144,7 +148,8 @@ class DecodeRun:
       so allocations fail first at the step where the cumulative count exceeds the free blocks;
     - ``max_model_len``: a request with ``c >= max_model_len - 1`` would be skipped;
     - the waiting head becoming admissible: it is not now, the budget and running count left to it
-      are constant, and the free blocks only decrease; its need can change only if a block of its
+      are constant, and the free blocks only decrease (so neither the chunk's allocation nor, with
+      ``scheduler_reserve_full_isl``, the whole-sequence gate can start to fit); its need can change only if a block of its
       prefix hit is evicted, which happens only when that (free) block is popped -- the run stops
       before the step that would pop it;
     - an arrival (or anything else the replica is told about): the replica truncates the run to the
@@ -488,6 +493,7 @@ class Engine:
             break  # the request itself was preempted: nothing more fits this step
 
         # 2. WAITING requests, only if nothing was preempted this step.
+        full_isl = cfg.scheduler_reserve_full_isl
         if not preempted:
             while budget > 0 and self.num_waiting and len(running) < cfg.max_num_seqs:
                 req = self._peek_waiting()
@@ -499,6 +505,8 @@ class Engine:
                 if 0 < thr < n:
                     n = thr
                 if not cfg.enable_chunked_prefill and n > budget:
+                    break
+                if full_isl and not self._full_sequence_fits(req, num_hit, hit_blocks, bool(reqs)):
                     break
                 n = min(n, budget)
                 if not kv.allocate_slots(req, n, hit_blocks, apply_watermark=bool(reqs)):
@@ -535,6 +543,15 @@ class Engine:
         shape.prefill_tokens = pt
         shape.prefill_attn = float(pa) if ps else 0.0
         return plan
+
+    def _full_sequence_fits(self, req: EngineRequest, num_hit: int, hit_blocks: list[int],
+                            apply_watermark: bool) -> bool:
+        """vLLM's full-sequence admission gate: would blocks for the request's whole current
+        sequence (prompt plus any tokens generated before a preemption, capped at max_model_len),
+        after its prefix hit, fit in the free blocks (less the watermark if a request is already
+        scheduled this step)? The chunk itself is then allocated as usual."""
+        full = min(req.num_tokens, self.cfg.max_model_len) - req.num_computed_tokens - num_hit
+        return self.kv.can_allocate(req, max(full, 0), hit_blocks, apply_watermark=apply_watermark)
 
     def _pick_victim(self) -> tuple[EngineRequest, int]:
         """FCFS: the most recently admitted request. Priority: largest (priority, arrival)."""
@@ -686,7 +703,9 @@ class Engine:
             if 0 < thr < n:
                 n = thr
             if cfg.enable_chunked_prefill or n <= budget_left:
-                if kv.can_allocate(whead, min(n, budget_left), hit_blocks, apply_watermark=True):
+                if kv.can_allocate(whead, min(n, budget_left), hit_blocks, apply_watermark=True) and (
+                        not cfg.scheduler_reserve_full_isl
+                        or self._full_sequence_fits(whead, num_hit, hit_blocks, True)):
                     return None  # the naive step admits it
                 rc = kv.pool.ref_cnt
                 watched = {b for b in hit_blocks if rc[b] == 0}

@@ -34,6 +34,8 @@ class EngineSpec(_Strict):
     scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
     watermark: float = Field(0.0, ge=0, lt=1)
     long_prefill_token_threshold: int = Field(0, ge=0)
+    # Admit a waiting request only if its whole prompt fits in free KV blocks (vLLM 0.32 default).
+    scheduler_reserve_full_isl: bool = True
 
 
 class StepTimeSpec(_Strict):

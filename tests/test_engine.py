@@ -173,3 +173,33 @@ def test_property_budget_blocks_and_completion(reqs, budget, blocks, max_seqs, p
     assert len(done) == len(objs)
     assert all(r.num_output_tokens == r.max_output_tokens for r in objs)
     assert e.kv.num_free_blocks == blocks - 1
+
+
+def test_full_sequence_admission_gate_waits_for_room_for_the_whole_prompt():
+    """vLLM's scheduler_reserve_full_isl: a waiting request whose first chunk fits but whose whole
+    prompt does not is not admitted (default on); with the gate off the chunk alone decides."""
+    admitted = {}
+    for gate in (True, False):
+        cfg = EngineConfig(num_gpu_blocks=12, max_num_batched_tokens=32, max_num_seqs=4, max_model_len=256,
+                           scheduler_reserve_full_isl=gate)
+        e = Engine(cfg)
+        e.add_request(_req(0, 64, 30), 0.0)  # 4 blocks, decodes for a while
+        plan = e.schedule(0.0)
+        e.update(plan, 0.01)
+        e.update(e.schedule(0.01), 0.02)  # request 0 is now decoding: 4-5 blocks held
+        e.add_request(_req(1, 160, 5), 0.02)  # needs 10 blocks in all, its first chunk 2
+        plan = e.schedule(0.02)
+        admitted[gate] = any(r.idx == 1 for r in plan.requests)
+    assert admitted == {True: False, False: True}
+
+
+def test_full_sequence_gate_admits_once_the_prompt_fits():
+    cfg = EngineConfig(num_gpu_blocks=12, max_num_batched_tokens=32, max_num_seqs=4, max_model_len=256)
+    assert cfg.scheduler_reserve_full_isl  # vLLM 0.32's default
+    e = Engine(cfg)
+    e.add_request(_req(0, 64, 3), 0.0)
+    e.add_request(_req(1, 160, 2), 0.0)
+    done, _ = _drain(e)
+    assert sorted(r.idx for r in done) == [0, 1]
+    # Request 1 is only admitted after request 0 finished and freed its blocks.
+    assert done[0].idx == 0 and done[1].first_scheduled_s >= done[0].finish_s

@@ -28,17 +28,11 @@ REPO = Path(__file__).resolve().parents[1]
 INSTALL = REPO / "validation" / "install_vllm_cpu.sh"
 engine_slow = [pytest.mark.engine, pytest.mark.slow]
 
-FULL_ISL = ("fleetsim does not model vLLM's scheduler_reserve_full_isl (default True in vllm 0.32): "
-            "vLLM admits a WAITING request only if its whole current sequence fits in free KV "
-            "blocks; fleetsim checks only the first chunk (sim/engine.py WAITING loop)")
 LONG_PREFILL = ("known deviation (docs/architecture.md): vLLM ignores long_prefill_token_threshold "
                 "when only one request is running or waiting; fleetsim always applies it")
 
 # scenario -> xfail reason (scheduling or KV accounting differs).
 XFAIL = {
-    "admission_full_prompt": FULL_ISL,
-    "random_tight": FULL_ISL,
-    "random_priority": FULL_ISL,
     "long_prefill_threshold_alone": LONG_PREFILL,
 }
 

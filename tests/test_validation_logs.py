@@ -100,7 +100,8 @@ def test_load_mirrors_engine_and_measures_from_receipt(synthetic_logs):
     assert (e.gpu, e.model, e.block_size, e.num_gpu_blocks) == ("RTX-4090", "llama-3.1-8b", 16, 600)
     assert (e.max_num_batched_tokens, e.max_num_seqs, e.max_model_len) == (2048, 256, 2048)
     assert e.enable_prefix_caching and e.enable_chunked_prefill and e.scheduling_policy == "fcfs"
-    assert any("scheduler_reserve_full_isl" in n for n in e.not_mirrored)
+    assert e.scheduler_reserve_full_isl is True  # mirrored from the logged scheduler config
+    assert not any("scheduler_reserve_full_isl" in n for n in e.not_mirrored)
     assert any("async_scheduling" in n for n in e.not_mirrored)
     assert len(run.real) == 48 and run.real["arrival_s"].iloc[0] == 0.0
     assert (run.real["ttft_s"] > 0).all() and (run.real["e2e_s"] >= run.real["ttft_s"]).all()

@@ -100,6 +100,7 @@ class LoggedEngine:
     enable_chunked_prefill: bool
     scheduling_policy: str
     long_prefill_token_threshold: int
+    scheduler_reserve_full_isl: bool  # absent from older vLLM configs: they checked the first chunk only
     dtype: str
     kv_cache_dtype: str
     not_mirrored: list[str] = field(default_factory=list)
@@ -143,7 +144,6 @@ def engine_from_meta(meta: dict, path: Path) -> LoggedEngine:
     """The mirrored engine config from a bench ``meta.json`` (resolved config preferred: it is what ran)."""
     from sim.catalog import load_catalog
     from sim.memory import plan_kv
-    from sim.scenario import EngineSpec as ScenarioEngine
 
     cat = load_catalog()
     model_name = _get(meta, "model", path, types=(str,))
@@ -173,6 +173,7 @@ def engine_from_meta(meta: dict, path: Path) -> LoggedEngine:
     chunked = bool(sched.get("enable_chunked_prefill", True))
     policy = str(sched.get("policy", "fcfs"))
     thr = int(sched.get("long_prefill_token_threshold") or 0)
+    full_isl = bool(sched.get("scheduler_reserve_full_isl", False))
     dtype = str(ek.get("dtype", "bfloat16"))
     kv_dtype = str(cache.get("cache_dtype") or ek.get("kv_cache_dtype") or "auto")
     if policy not in ("fcfs", "priority"):
@@ -185,12 +186,6 @@ def engine_from_meta(meta: dict, path: Path) -> LoggedEngine:
     except Exception:  # noqa: BLE001 - an estimate only; the logged count is what the run used
         plan_blocks = None
     not_mirrored = []
-    fields = ScenarioEngine.model_fields
-    if sched.get("scheduler_reserve_full_isl") and "scheduler_reserve_full_isl" not in fields:
-        not_mirrored.append("scheduler_reserve_full_isl=True: vLLM admits a waiting request only if its whole "
-                            "prompt fits in free KV blocks; fleetsim checks the first chunk "
-                            "(docs/validation-scheduler-parity.md), so it admits earlier and preempts more "
-                            "when KV is full")
     if sched.get("async_scheduling"):
         not_mirrored.append("async_scheduling=True: the next step is scheduled while the current one runs; "
                             "its effect on step time is absorbed in the fitted coefficients")
@@ -198,7 +193,8 @@ def engine_from_meta(meta: dict, path: Path) -> LoggedEngine:
         vllm_version=str(meta.get("vllm_version", "?")), model=model.name, gpu=gpu.name, tensor_parallel=tp,
         block_size=block, num_gpu_blocks=blocks, num_gpu_blocks_plan=plan_blocks, gpu_memory_utilization=util,
         max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_model_len=max_len, enable_prefix_caching=prefix,
-        enable_chunked_prefill=chunked, scheduling_policy=policy, long_prefill_token_threshold=thr, dtype=dtype,
+        enable_chunked_prefill=chunked, scheduling_policy=policy, long_prefill_token_threshold=thr,
+        scheduler_reserve_full_isl=full_isl, dtype=dtype,
         kv_cache_dtype=kv_dtype, not_mirrored=not_mirrored)
 
 
@@ -304,6 +300,7 @@ def scenario_for(run: LoggedRun, workload_path: Path, step_time: dict) -> dict:
                 "enable_chunked_prefill": e.enable_chunked_prefill, "num_gpu_blocks": e.num_gpu_blocks,
                 "max_model_len": e.max_model_len, "scheduling_policy": e.scheduling_policy,
                 "long_prefill_token_threshold": e.long_prefill_token_threshold,
+                "scheduler_reserve_full_isl": e.scheduler_reserve_full_isl,
             },
             "step_time": step_time,
         },

@@ -61,7 +61,9 @@ def engine_config(sc: ParityScenario) -> EngineConfig:
         max_num_batched_tokens=e.max_num_batched_tokens, max_num_seqs=e.max_num_seqs,
         max_model_len=e.max_model_len, enable_chunked_prefill=e.enable_chunked_prefill,
         enable_prefix_caching=e.enable_prefix_caching, scheduling_policy=e.policy,
-        watermark=e.watermark, long_prefill_token_threshold=e.long_prefill_token_threshold)
+        watermark=e.watermark, long_prefill_token_threshold=e.long_prefill_token_threshold,
+        # None = vLLM's default for the version under test (True since vLLM 0.32).
+        scheduler_reserve_full_isl=True if e.scheduler_reserve_full_isl is None else e.scheduler_reserve_full_isl)
 
 
 def run_fleetsim(sc: ParityScenario) -> list[StepRecord]:

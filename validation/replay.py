@@ -303,12 +303,7 @@ async def replay_async(url: str, requests: list[ReplayRequest], *, model: str, r
         stop.set()
         await asyncio.gather(scraper, ticker)
     cpu = time.process_time() - cpu0
-    df = pd.DataFrame(rows)
-    df["tokens_received"] = df["token_times"].map(len)
-    df["first_token_s"] = df["token_times"].map(lambda t: t[0] if t else np.nan)
-    df["ttft_s"] = df["first_token_s"] - df["send_s"]
-    df["e2e_s"] = df["end_s"] - df["send_s"]
-    df["tpot_s"] = [(t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else np.nan for t in df["token_times"]]
+    df = latency_columns(pd.DataFrame(rows))
     for col in ("ttft_s", "e2e_s"):  # a failed request has no latency; its row says why
         df.loc[df["status"] != "ok", col] = np.where(df.loc[df["status"] != "ok", "tokens_received"] > 0,
                                                      df.loc[df["status"] != "ok", col], np.nan)
@@ -330,6 +325,18 @@ async def replay_async(url: str, requests: list[ReplayRequest], *, model: str, r
              "tokens_received", "cached_tokens", "ttft_s", "tpot_s", "e2e_s", "status", "reason", "token_times"]
     extra = [c for c in df.columns if c not in order]
     return ReplayResult(df[order + extra], pd.DataFrame(metric_rows), overhead, t0_wall, duration)
+
+
+def latency_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """Add the client-measured latencies of replayed requests (rows with ``send_s``, ``end_s`` and
+    the ``token_times`` of each streamed token): tokens_received, first_token_s, ttft_s, e2e_s and
+    tpot_s (NaN with fewer than two tokens). Callers decide what a failed request keeps."""
+    df["tokens_received"] = df["token_times"].map(len)
+    df["first_token_s"] = df["token_times"].map(lambda t: t[0] if t else np.nan)
+    df["ttft_s"] = df["first_token_s"] - df["send_s"]
+    df["e2e_s"] = df["end_s"] - df["send_s"]
+    df["tpot_s"] = [(t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else np.nan for t in df["token_times"]]
+    return df
 
 
 def replay(url: str, requests: list[ReplayRequest], *, model: str, rate_scale: float = 1.0,

@@ -243,6 +243,12 @@ class DecodeRun:
             for g in gaps().tolist():
                 on_itl(g, self.B)
 
+    def pending_blocks(self, s: int) -> int:
+        """With ``s`` steps ended: blocks taken by the steps so far and the one in flight (allocated
+        when it was scheduled) but not yet popped from the free queue."""
+        j = min(s + 1, self.k)
+        return self.allocs(j) - self.allocs(self.pool_done) if j > self.pool_done else 0
+
     def completed_steps(self, now: float) -> int:
         """Steps of the run that ended at or before ``now``."""
         t, s = self.memo
@@ -383,19 +389,14 @@ class Engine:
         run = self._run
         if run is not None:
             s = run.completed_steps(self._clock())
-            j = min(s + 1, run.k)
-            if j > run.pool_done:
-                free -= run.allocs(j) - run.allocs(run.pool_done)
+            free -= run.pending_blocks(s)
             gen += (s - run.done) * run.B
         return len(self.running), self.num_waiting, free, self.num_preemptions, gen
 
     def _pending_blocks(self) -> int:
         """Blocks the run in flight has taken by now but not yet popped from the free queue."""
         run = self._run
-        if run is None:
-            return 0
-        j = min(run.completed_steps(self._clock()) + 1, run.k)
-        return run.allocs(j) - run.allocs(run.pool_done) if j > run.pool_done else 0
+        return 0 if run is None else run.pending_blocks(run.completed_steps(self._clock()))
 
     # -- queue -----------------------------------------------------------------------------
     @property
@@ -575,9 +576,8 @@ class Engine:
         """Advance every scheduled request by its tokens; return the requests that finished."""
         self._steps += 1
         finished: list[EngineRequest] = []
-        itl_count = 0
-        itl_value = 0.0
         on_itl = self._on_itl
+        gaps: list[float] = []
         generated = 0
         for req, n in zip(plan.requests, plan.num_tokens):
             c = req.num_computed_tokens
@@ -594,19 +594,13 @@ class Engine:
             if req.first_token_s < 0:
                 req.first_token_s = now
             elif on_itl is not None:
-                gap = now - req.last_token_s
-                if gap == itl_value:
-                    itl_count += 1
-                else:
-                    if itl_count:
-                        on_itl(itl_value, itl_count)
-                    itl_value, itl_count = gap, 1
+                gaps.append(now - req.last_token_s)
             req.last_token_s = now
             if req.num_output_tokens >= req.max_output_tokens:
                 finished.append(req)
         self._tokens_generated += generated
-        if itl_count:
-            on_itl(itl_value, itl_count)
+        if gaps:
+            _emit_run_lengths(on_itl, gaps)
         if finished:
             self._finish(finished, now)
         return finished
@@ -858,18 +852,7 @@ class Engine:
                 else:
                     # Step 1: each request's gap since its own last token (as update() computes it).
                     t1 = run.end_of(1)
-                    itl_count = 0
-                    itl_value = 0.0
-                    for r in run.reqs:
-                        gap = t1 - r.last_token_s
-                        if gap == itl_value:
-                            itl_count += 1
-                        else:
-                            if itl_count:
-                                on_itl(itl_value, itl_count)
-                            itl_value, itl_count = gap, 1
-                    if itl_count:
-                        on_itl(itl_value, itl_count)
+                    _emit_run_lengths(on_itl, [t1 - r.last_token_s for r in run.reqs])
             if s > lo:
                 run.emit_itl(on_itl, self._on_itl_many, lo, s)
         for r in run.reqs:
@@ -881,6 +864,22 @@ class Engine:
         self._tokens_generated += d * run.B
         # GPU-busy time: the steps' durations, as the elapsed time of the run (equal to round-off).
         self.busy_s += t_last - run.end_of(q)
+
+
+def _emit_run_lengths(on_itl: Callable[[float, int], None], gaps: Sequence[float]) -> None:
+    """``on_itl(value, count)`` for each run of equal consecutive gaps: the requests of a batch
+    usually share one gap, so the histogram is touched once per step rather than once per request."""
+    value = 0.0
+    count = 0
+    for g in gaps:
+        if g == value:
+            count += 1
+        else:
+            if count:
+                on_itl(value, count)
+            value, count = g, 1
+    if count:
+        on_itl(value, count)
 
 
 def _alloc_counter(first: list[int], bs: int) -> Callable[[int], int]:

@@ -26,11 +26,11 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 import simpy
-from simpy.core import NORMAL, URGENT
-from simpy.events import Event
+from simpy.core import URGENT
 
 from policies.base import Autoscaler, ClusterView, ReplicaState, Router, RoutingRequest
 from sim.engine import EngineConfig, EngineRequest
+from sim.events import CallbackEvent
 from sim.metrics import (COMPLETED, FAILED, REJECTED, REQUEST_COLUMNS, SLO, LogHistogram, TimeSeries,
                          labelled_column, summarize)
 from sim.replica import Replica
@@ -102,23 +102,6 @@ def _quiet_gc(young: int = 100_000):
         gc.set_threshold(*old)
         if freeze:
             gc.unfreeze()
-
-
-class _Wakeup(Event):
-    """A triggered event ``delay`` from now that calls ``callback``: a :class:`simpy.Timeout`
-    without the process around it.
-
-    Why: a process resume per arrival (generator send, target bookkeeping) costs more than the
-    arrival's own work. Scheduled exactly like ``env.timeout(delay)`` (time ``now + delay``, the
-    next event id), so the event order is the one a process would give.
-    """
-
-    def __init__(self, env: simpy.Environment, delay: float, priority: int, callback) -> None:
-        self.env = env
-        self.callbacks = [callback]
-        self._value = None
-        self._ok = True
-        env.schedule(self, priority, delay)
 
 
 class _StaleView:
@@ -361,12 +344,7 @@ class Cluster:
         does (same event times, priorities and id order: the first event is URGENT now, like a
         process's start), minus a generator resume per arrival.
         """
-        env = self.env
-        ev = Event(env)
-        ev.callbacks.append(self._arrivals_due)
-        ev._ok = True
-        ev._value = None
-        env.schedule(ev, URGENT)
+        CallbackEvent(self.env, self._arrivals_due, priority=URGENT)
 
     def _arrivals_due(self, _event) -> None:
         """Release the requests due now; schedule the next arrival."""
@@ -386,7 +364,7 @@ class Cluster:
             now = env._now
             if t > now:
                 self._next_arrival = i
-                _Wakeup(env, t - now, NORMAL, self._arrivals_due)  # at now + (t - now), as env.timeout
+                CallbackEvent(env, self._arrivals_due, delay=t - now)  # at now + (t - now), as env.timeout
                 return
             i += 1
             self._next_arrival = i

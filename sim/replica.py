@@ -26,16 +26,15 @@ from __future__ import annotations
 
 import math
 import os
-from heapq import heappush
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import simpy
 from simpy.core import URGENT
-from simpy.events import Event
 
 from policies.base import ReplicaState
 from sim.engine import Engine, EngineConfig, EngineRequest
+from sim.events import CallbackEvent
 from sim.step_time import StepTimeModel
 
 if TYPE_CHECKING:
@@ -53,32 +52,6 @@ _CANCEL_START = "cancel_start"  # interrupt cause: scaled in during the cold sta
 
 class EngineStalled(RuntimeError):
     """The scheduler had work but could schedule nothing: a bug or an impossible config."""
-
-
-class _StepEnd(Event):
-    """A triggered event at absolute time ``t`` (URGENT) that calls ``callback``.
-
-    Like :class:`simpy.Timeout`, but placed at an exact absolute time: a fast-forward run ends at a
-    float computed by summing step durations one by one, which ``now + (t - now)`` may miss by an
-    ulp.
-    """
-
-    __slots__ = ()
-
-    def __init__(self, env: simpy.Environment, t: float, callback) -> None:
-        self.env = env
-        self.callbacks = [callback]
-        self._value = None
-        self._ok = True
-        queue = getattr(env, "_queue", None)
-        if queue is not None:  # SimPy 4: what Environment.schedule does, at an absolute time
-            heappush(queue, (t, URGENT, next(env._eid), self))
-        else:  # pragma: no cover - another SimPy layout: relative delay (exact up to an ulp)
-            env.schedule(self, URGENT, t - env.now)
-
-    def cancel(self) -> None:
-        if self.callbacks:
-            self.callbacks.clear()
 
 
 class Replica:
@@ -116,7 +89,7 @@ class Replica:
         self.inflight_tokens = 0
         self._stop_now = False
         self._idle = False  # serving with nothing to do: the next submit wakes the loop
-        self._timer: _StepEnd | None = None  # end of the step (or run) in flight
+        self._timer: CallbackEvent | None = None  # end of the step (or run) in flight
         self._timer_at = 0.0
         self._plan = None
         self._dt = 0.0
@@ -224,7 +197,7 @@ class Replica:
         """(Re)place the wake-up at the end of the step or run in flight."""
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = _StepEnd(self.env, t, self._step_done)
+        self._timer = CallbackEvent(self.env, self._step_done, at=t, priority=URGENT)
         self._timer_at = t
 
     def _step_done(self, _event) -> None:
@@ -271,9 +244,7 @@ class Replica:
                 self._arm(end)
 
     def _schedule_wake(self) -> None:
-        ev = self.env.event()
-        ev.callbacks.append(self._wake)
-        ev.succeed()
+        CallbackEvent(self.env, self._wake)  # now, after what is already due now (as event.succeed())
 
     def drain(self) -> None:
         """Stop taking new work; stop once in-flight requests finish (or at once if starting)."""

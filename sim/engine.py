@@ -340,13 +340,16 @@ class Engine:
             histogram can often add them without computing them. Default: ``on_itl`` per value.
         clock: ``() -> now``; needed only for fast-forward runs, so that observations made while a
             run is in flight see the exact state at that time.
+        lazy_exclusive: let the block pool skip per-block state of request-exclusive blocks
+            (:class:`sim.kv_cache.BlockPool`); ``False`` tracks every block (the reference).
     """
 
     def __init__(self, cfg: EngineConfig, on_itl: Callable[[float, int], None] | None = None,
                  on_itl_many: Callable[..., None] | None = None,
-                 clock: Callable[[], float] | None = None):
+                 clock: Callable[[], float] | None = None, lazy_exclusive: bool = True):
         self.cfg = cfg
-        self.kv = KVCacheManager(cfg.num_gpu_blocks, cfg.block_size, cfg.enable_prefix_caching, cfg.watermark)
+        self.kv = KVCacheManager(cfg.num_gpu_blocks, cfg.block_size, cfg.enable_prefix_caching, cfg.watermark,
+                                 lazy_exclusive)
         self.running: list[EngineRequest] = []
         self._priority = cfg.scheduling_policy == "priority"
         self._waiting_fifo: deque[EngineRequest] = deque()
@@ -804,7 +807,9 @@ class Engine:
             # One request: its new blocks in order, no interleaving to reconstruct.
             n = run.allocs(j) - run.allocs(p)
             if n > 0:
-                run.reqs[0].blocks.extend(kv.pool.get_new_blocks(n))
+                r = run.reqs[0]
+                # A decoding request's new blocks are past its prompt, so exclusive (BlockPool).
+                r.blocks.extend(kv.pool.get_new_blocks(n, 0, (), max(0, min(n, len(r.blocks) + n - r.num_shared_blocks))))
         else:
             self._apply_run_allocs(run, p, j)
         if not self.cfg.enable_prefix_caching:
@@ -833,8 +838,11 @@ class Engine:
         if events:
             if len(events) > 1:
                 events.sort()
-            new = kv.pool.get_new_blocks(len(events))
             reqs = run.reqs
+            n = len(events)
+            # A decoding request's new blocks are past its prompt, so exclusive (see BlockPool).
+            excl = n if all(len(r.blocks) >= r.num_shared_blocks for r in reqs) else 0
+            new = kv.pool.get_new_blocks(n, 0, (), excl)
             for (_, pos), b in zip(events, new):
                 reqs[pos].blocks.append(b)
 

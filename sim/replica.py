@@ -70,16 +70,18 @@ class Replica:
         env = self.env = cluster.env
         self.replica_id = replica_id
         itl = cluster.itl
-        self.engine = Engine(engine_cfg, on_itl=itl.add, on_itl_many=_bulk_itl(itl), clock=lambda: env.now)
+        if fast_forward is None:
+            fast_forward = getattr(cluster.cfg, "engine_fast_forward", True) and fast_forward_default()
+        self.fast_forward = fast_forward
+        # The naive path is the reference in full: one event per step and every KV block tracked.
+        self.engine = Engine(engine_cfg, on_itl=itl.add, on_itl_many=_bulk_itl(itl), clock=lambda: env.now,
+                             lazy_exclusive=fast_forward)
         self.step_model = step_model
         self.cold_start_s = cold_start_s
         self.num_gpus = num_gpus
         self.usd_per_gpu_hour = usd_per_gpu_hour
         self.block_size = engine_cfg.block_size
         self.num_total_blocks = engine_cfg.num_gpu_blocks
-        if fast_forward is None:
-            fast_forward = getattr(cluster.cfg, "engine_fast_forward", True) and fast_forward_default()
-        self.fast_forward = fast_forward
         self.state = ReplicaState.STARTING
         self.created_s = env.now
         self.serving_s: float | None = None

@@ -66,15 +66,21 @@ class EngineRequest:
         self.num_output_tokens = 0
         self.status = WAITING
         self.blocks: list[int] = []
-        # The list is taken over (extended in place with the hashes of later blocks), not copied.
-        self.block_hashes = block_hashes if type(block_hashes) is list else list(block_hashes)
-        # Leading blocks whose content other requests may share (the rest is unique to this one:
-        # see sim.kv_cache.BlockPool.mark_unique). Unknown = all precomputed hashes.
-        self.num_shared_blocks = len(self.block_hashes) if num_shared_blocks is None else num_shared_blocks
-        self.num_cached_blocks = 0
         # Hashes of blocks past the precomputed prompt ones are ``hash_key - i``: negative, so they
         # never equal a prompt hash (64-bit unsigned), and unique per (request, block index).
-        self.hash_key = unique_hash_base(idx)
+        key = self.hash_key = unique_hash_base(idx)
+        # A list is taken over (extended in place with the hashes of later blocks), not copied. A
+        # prompt with no shared block comes as ``range(key, key - n, -1)`` (sim.kv_cache.
+        # PromptBlockHashes): its hashes are this request's unique ids, and stay a range (no list of
+        # Python ints per request; routers slice and index it like a list).
+        t = type(block_hashes)
+        if t is not list and not (t is range and block_hashes.start == key and block_hashes.step == -1):
+            block_hashes = list(block_hashes)
+        self.block_hashes = block_hashes
+        # Leading blocks whose content other requests may share (the rest is unique to this one:
+        # see sim.kv_cache.BlockPool.mark_unique). Unknown = all precomputed hashes.
+        self.num_shared_blocks = len(block_hashes) if num_shared_blocks is None else num_shared_blocks
+        self.num_cached_blocks = 0
         self.enqueue_s = arrival_s
         self.first_scheduled_s = -1.0
         self.first_token_s = -1.0
@@ -95,7 +101,10 @@ class EngineRequest:
         h = self.block_hashes
         if n > len(h):
             key = self.hash_key
-            h.extend(range(key - len(h), key - n, -1))
+            if type(h) is range:  # unique ids only (see __init__): a longer range
+                self.block_hashes = range(key, key - n, -1)
+            else:
+                h.extend(range(key - len(h), key - n, -1))
 
 
 @dataclass(frozen=True)

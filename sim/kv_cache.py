@@ -698,6 +698,7 @@ class PromptBlockHashes:
     requests; they are the chained hashes of :func:`traces.schema.engine_block_hashes`. The rest
     hold content unique to the request and get the ids ``unique_hash_base(row) - i``, the same
     scheme as the engine's generated blocks (``EngineRequest.extend_block_hashes``).
+    A prompt with no shared block gets its ids as a ``range`` rather than a list.
 
     Why: hashing a prompt block by block in Python at each arrival costs about a microsecond per
     block, more than simulating the request. The shared prefixes are computed with the vectorised,
@@ -748,11 +749,12 @@ class PromptBlockHashes:
         self._shared_prompt = known * block_size
         self._any_shared = bool(known.any())
 
-    def __call__(self, i: int) -> tuple[list[int], int]:
+    def __call__(self, i: int) -> tuple[Sequence[int], int]:
         s = self.num_shared[i]
         base = -((i + 1) << 32)  # unique_hash_base(i), inlined: this runs once per arrival
         if not s:
-            return list(range(base, base - self.num_full[i], -1)), 0
+            # Nothing shared: the unique ids as a range, which EngineRequest keeps as it is.
+            return range(base, base - self.num_full[i], -1), 0
         if not self.vectorised:
             return self.scalar(i), s
         start = i - i % self.chunk

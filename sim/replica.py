@@ -235,10 +235,18 @@ class Replica:
 
     # -- commands from the cluster -------------------------------------------------------------
     def submit(self, req: EngineRequest) -> None:
-        self.engine.add_request(req, self.env.now)
+        env = self.env
+        self.engine.add_request(req, env._now)
         if self._idle:
             self._idle = False
-            self._schedule_wake()
+            wakes = self.cluster._wakes
+            if wakes is None:
+                self._schedule_wake()
+            else:
+                # Inside the cluster's arrival callback: the wake-up's event id is taken now, as
+                # _schedule_wake would take it, and Cluster._run_wakes either runs the wake
+                # directly (nothing sorts before it) or queues it with this id.
+                wakes.append((next(env._eid), self))
         elif self.engine.in_run:
             # The new request can change the batch: the run ends with the step in flight.
             end = self.engine.truncate_run(self.env.now)
@@ -316,46 +324,70 @@ def _bulk_itl(hist):
         hist.total += n * count
         hist.sum += total * count
 
-    # Interiors of recently hit buckets, shrunk by a relative 1e-12 so that a value inside one is
-    # surely in that bucket whatever the rounding of log(): the gaps of most runs fall in one of a
-    # few buckets (a replica's step time drifts slowly with its context), and then no log() is
-    # needed at all. ``recent`` holds (bucket, inner_lo, inner_hi), most recent first.
-    recent: list[tuple[int, float, float]] = []
-    RECENT = 8
+    # edges[b]: the smallest float x with bucket(x) >= b (computed on first use, then exact:
+    # bucket(x) == b  <=>  edges[b] <= x < edges[b + 1], bucket() being monotone). Nothing above
+    # the last bucket.
+    edges: list[float | None] = [None] * (last + 2)
+    edges[last + 1] = math.inf
+    log, nextafter, inf = math.log, math.nextafter, math.inf
+
+    def edge(b: int) -> float:
+        x = edges[b]
+        if x is None:
+            x = h_lo * math.exp((b - 1) * log_base) if b > 0 else -inf
+            if b > 0:
+                while bucket(x) >= b:  # walk to the exact edge, one float at a time
+                    x = nextafter(x, -inf)
+                while bucket(x) < b:
+                    x = nextafter(x, inf)
+            edges[b] = x
+        return x
 
     def progression(first: float, step: float, n: int, count: int) -> None:
         """``n`` values ``first + step * i`` (a closed-form decode run's gaps), each ``count`` times.
 
         The bucket is monotone in the value and the values are monotone in ``i``, so each bucket
-        holds a contiguous range of ``i``: found by bisection, a few ``log`` calls per bucket crossed.
+        holds a contiguous range of ``i``: the first value's bucket (one ``log``), then the exact
+        upper edge of that bucket (cached) tells how many values are in it; usually all of them.
         """
         counts = hist.counts
-        last = first + step * (n - 1)
-        for b, inner_lo, inner_hi in recent:
-            if inner_lo <= first and last <= inner_hi:
-                counts[b] += n * count
-                break
-        else:
-            b = bucket(first)
-            if b == bucket(last):
-                counts[b] += n * count
-                if b > 0:
-                    recent.insert(0, (b, h_lo * math.exp((b - 1) * log_base) * (1.0 + 1e-12),
-                                      h_lo * math.exp(b * log_base) * (1.0 - 1e-12)))
-                    del recent[RECENT:]
-            else:
-                i = 0
-                while i < n:
-                    b = bucket(first + step * i)
-                    lo, hi = i, n - 1  # the last index still in bucket b
-                    while lo < hi:
-                        mid = (lo + hi + 1) // 2
-                        if bucket(first + step * mid) == b:
-                            lo = mid
-                        else:
-                            hi = mid - 1
-                    counts[b] += (lo - i + 1) * count
-                    i = lo + 1
+        last_v = first + step * (n - 1)
+        b = 0 if first <= h_lo else min(int(log(first / h_lo) / log_base) + 1, last)
+        hi = edges[b + 1]
+        if hi is None:
+            hi = edge(b + 1)
+        if last_v < hi and step >= 0.0:
+            counts[b] += n * count
+        elif step > 0.0:
+            i = 0
+            while True:  # values i.. are in bucket b or above, value i below hi, the last value not
+                j = max(i + 1, min(n - 1, int((hi - first) / step)))  # about the first one >= hi
+                while first + step * (j - 1) >= hi:
+                    j -= 1
+                while first + step * j < hi:
+                    j += 1
+                counts[b] += (j - i) * count
+                i = j
+                b = bucket(first + step * i)
+                hi = edges[b + 1]
+                if hi is None:
+                    hi = edge(b + 1)
+                if last_v < hi:
+                    counts[b] += (n - i) * count
+                    break
+        else:  # not increasing (no step-time model gives that): one bucket at a time, by bisection
+            i = 0
+            while i < n:
+                b = bucket(first + step * i)
+                lo, hi_i = i, n - 1  # the last index still in bucket b
+                while lo < hi_i:
+                    mid = (lo + hi_i + 1) // 2
+                    if bucket(first + step * mid) == b:
+                        lo = mid
+                    else:
+                        hi_i = mid - 1
+                counts[b] += (lo - i + 1) * count
+                i = lo + 1
         hist.total += n * count
         hist.sum += (n * first + step * (n * (n - 1) // 2)) * count
 

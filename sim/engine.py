@@ -33,6 +33,7 @@ import heapq
 import math
 from collections import deque
 from dataclasses import dataclass
+from operator import attrgetter, sub
 from typing import Callable, Sequence
 
 import numpy as np
@@ -661,24 +662,19 @@ class Engine:
         if B == 0 or B > cfg.max_num_batched_tokens:
             return None
         bs = cfg.block_size
-        c0: list[int] = []
-        first: list[int] = []  # step of each request's next new block
-        nc: list[int] = []
-        k = max_steps
-        max_c = 0
-        for r in running:
-            c = r.num_computed_tokens
-            if r.num_tokens - c != 1 or r.num_output_tokens <= 0:
-                return None  # a prefill (or recompute) in the batch: not a steady decode step
-            rem = r.max_output_tokens - r.num_output_tokens
-            if rem < k:
-                k = rem
-            if c > max_c:
-                max_c = c
-            c0.append(c)
-            first.append(len(r.blocks) * bs - c + 1)
-            nc.append(r.num_cached_blocks)
-        k = min(k, cfg.max_model_len - 1 - max_c)
+        # The batch's columns, read with C-level iteration (this runs at every arrival to a busy
+        # replica, over the whole batch).
+        if B == 1:
+            cols = [(v,) for v in _RUN_FIELDS(running[0])]
+        else:
+            cols = list(zip(*map(_RUN_FIELDS, running)))
+        c0, nt, no, mo, nc = (list(c) for c in cols)
+        diffs = list(map(sub, nt, c0))
+        if min(diffs) != 1 or max(diffs) != 1 or min(no) <= 0:
+            return None  # a prefill (or recompute) in the batch: not a steady decode step
+        k = min(max_steps, min(map(sub, mo, no)), cfg.max_model_len - 1 - max(c0))
+        # step at which each request needs its next new block
+        first = [L * bs - c + 1 for L, c in zip(map(len, map(_BLOCKS, running)), c0)]
         if k < min_steps:
             return None
         # Blocks: the largest k whose cumulative allocations fit in the free blocks.
@@ -836,14 +832,15 @@ class Engine:
         """Block allocations of steps p+1..j of a multi-request run, in the naive order."""
         bs = self.cfg.block_size
         kv = self.kv
-        # Allocations: (step, running position) pairs, step-major like the naive schedule loop.
-        events: list[tuple[int, int]] = []
+        # Allocations in (step, running position) order, step-major like the naive schedule loop,
+        # each as the integer step * B + position (sorting ints is cheaper than sorting pairs).
+        B = run.B
+        events: list[int] = []
         for pos, s in enumerate(run.first):  # s: this request's first new block
             if s <= p:
                 s += ((p - s) // bs + 1) * bs
-            while s <= j:
-                events.append((s, pos))
-                s += bs
+            if s <= j:
+                events.extend(range(s * B + pos, j * B + pos + 1, bs * B))
         if events:
             if len(events) > 1:
                 events.sort()
@@ -852,8 +849,8 @@ class Engine:
             # A decoding request's new blocks are past its prompt, so exclusive (see BlockPool).
             excl = n if all(len(r.blocks) >= r.num_shared_blocks for r in reqs) else 0
             new = kv.pool.get_new_blocks(n, 0, (), excl)
-            for (_, pos), b in zip(events, new):
-                reqs[pos].blocks.append(b)
+            for e, b in zip(events, new):
+                reqs[e % B].blocks.append(b)
 
     def _apply_run_steps(self, run: DecodeRun, q: int, s: int) -> None:
         """Token accounting of steps q+1..s: counters, token times, ITL histogram, busy time."""
@@ -881,6 +878,11 @@ class Engine:
         self._tokens_generated += d * run.B
         # GPU-busy time: the steps' durations, as the elapsed time of the run (equal to round-off).
         self.busy_s += t_last - run.end_of(q)
+
+
+_RUN_FIELDS = attrgetter("num_computed_tokens", "num_tokens", "num_output_tokens", "max_output_tokens",
+                         "num_cached_blocks")
+_BLOCKS = attrgetter("blocks")
 
 
 def _emit_run_lengths(on_itl: Callable[[float, int], None], gaps: Sequence[float]) -> None:

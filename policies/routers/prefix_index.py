@@ -280,6 +280,7 @@ class ApproxPrefixIndex:
         self._seen_capacity: dict[int, int] = {}
         # first-block hash -> number of replicas holding it: "nobody holds this prompt" in one lookup
         self._firsts: dict[int, int] = {}
+        self._observed: object = None  # the views last observed
 
     def _capacity_for(self, replica_id: int) -> int:
         if self.capacity_blocks is not None:
@@ -287,9 +288,14 @@ class ApproxPrefixIndex:
         return self._seen_capacity.get(replica_id, LLMD_DEFAULT_LRU_BLOCKS)
 
     def observe(self, views: Iterable[ReplicaView]) -> None:
-        """Auto-tune capacities from the views (llm-d reads ``CacheNumBlocks`` from pod metrics)."""
-        if self.capacity_blocks is not None:
+        """Auto-tune capacities from the views (llm-d reads ``CacheNumBlocks`` from pod metrics).
+
+        A replica's KV cache size is fixed for its life, so the same tuple of views as last time
+        (the cluster hands routers one tuple until its fleet changes) has nothing new to tell.
+        """
+        if self.capacity_blocks is not None or (views is self._observed and type(views) is tuple):
             return
+        self._observed = views
         seen = self._seen_capacity.get
         try:  # fast path: nothing changed (a capacity equal to the one seen needs no work)
             for v in views:

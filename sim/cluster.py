@@ -621,7 +621,7 @@ class Cluster:
             for r, gauges, kv, rid, usable in rows:
                 q = kv.prefix_queries
                 hr = kv.prefix_hits / q if q else 0.0
-                run, wait, free, pre, gen = gauges()
+                run, wait, free, pre, gen = gauges(t)
                 usage = 1.0 - free / usable  # KVCacheManager.usage()
                 st = r.state
                 code = codes.get(st)

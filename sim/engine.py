@@ -318,10 +318,12 @@ class AffineDecodeRun(DecodeRun):
         else:
             j = int(x / d1)
         j = min(max(j, 0), k)
-        end_of = self.end_of
-        while j < k and end_of(j + 1) <= now:
+        # Settle against the ends exactly as end_of computes them (inlined: this runs at every
+        # observation of a replica in a run, e.g. each metrics sample).
+        t0 = self.t0
+        while j < k and t0 + ((j + 1) * d1 + a * ((j + 1) * j // 2)) <= now:
             j += 1
-        while j > 0 and end_of(j) > now:
+        while j > 0 and t0 + (j * d1 + a * (j * (j - 1) // 2)) > now:
             j -= 1
         self.memo = (now, j)
         return j  # truncate_run only shrinks k to completed + 1, so a memoised j stays <= k
@@ -394,14 +396,15 @@ class Engine:
             return self._tokens_generated
         return self._tokens_generated + (run.completed_steps(self._clock()) - run.done) * run.B
 
-    def gauges(self) -> tuple[int, int, int, int, int]:
+    def gauges(self, now: float | None = None) -> tuple[int, int, int, int, int]:
         """``(num_running, num_waiting, num_free_blocks, num_preemptions, tokens_generated)`` at the
-        clock's time: what a metrics scrape reads, with a run's progress looked up once."""
+        clock's time (``now``, if the caller has it: it must be the clock's time): what a metrics
+        scrape reads, with a run's progress looked up once."""
         free = self.kv.pool.free_queue.size
         gen = self._tokens_generated
         run = self._run
         if run is not None:
-            s = run.completed_steps(self._clock())
+            s = run.completed_steps(self._clock() if now is None else now)
             free -= run.pending_blocks(s)
             gen += (s - run.done) * run.B
         return len(self.running), self.num_waiting, free, self.num_preemptions, gen

@@ -523,9 +523,11 @@ class Engine:
                     n = thr
                 if not cfg.enable_chunked_prefill and n > budget:
                     break
-                if full_isl and not self._full_sequence_fits(req, num_hit, hit_blocks, bool(reqs)):
-                    break
                 n = min(n, budget)
+                # (When the chunk is the whole sequence, the gate is allocate_slots' own check.)
+                if full_isl and n != min(req.num_tokens, cfg.max_model_len) - req.num_computed_tokens - num_hit \
+                        and not self._full_sequence_fits(req, num_hit, hit_blocks, bool(reqs)):
+                    break
                 if not kv.allocate_slots(req, n, hit_blocks, apply_watermark=bool(reqs)):
                     break
                 self._pop_waiting()
@@ -708,8 +710,10 @@ class Engine:
             if 0 < thr < n:
                 n = thr
             if cfg.enable_chunked_prefill or n <= budget_left:
-                if kv.can_allocate(whead, min(n, budget_left), hit_blocks, apply_watermark=True) and (
+                n = min(n, budget_left)
+                if kv.can_allocate(whead, n, hit_blocks, apply_watermark=True) and (
                         not cfg.scheduler_reserve_full_isl
+                        or n == min(whead.num_tokens, cfg.max_model_len) - whead.num_computed_tokens - num_hit
                         or self._full_sequence_fits(whead, num_hit, hit_blocks, True)):
                     return None  # the naive step admits it
                 rc = kv.pool.ref_cnt

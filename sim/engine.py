@@ -669,17 +669,23 @@ class Engine:
         bs = cfg.block_size
         # The batch's columns, read with C-level iteration (this runs at every arrival to a busy
         # replica, over the whole batch).
-        if B == 1:
-            cols = [(v,) for v in _RUN_FIELDS(running[0])]
+        if B == 1:  # the common case on a lightly loaded replica: no column machinery
+            r = running[0]
+            c = r.num_computed_tokens
+            if r.num_tokens - c != 1 or r.num_output_tokens <= 0:
+                return None  # a prefill (or recompute): not a steady decode step
+            c0 = [c]
+            nc = [r.num_cached_blocks]
+            k = min(max_steps, r.max_output_tokens - r.num_output_tokens, cfg.max_model_len - 1 - c)
+            first = [len(r.blocks) * bs - c + 1]  # step at which it needs its next new block
         else:
-            cols = list(zip(*map(_RUN_FIELDS, running)))
-        c0, nt, no, mo, nc = (list(c) for c in cols)
-        diffs = list(map(sub, nt, c0))
-        if min(diffs) != 1 or max(diffs) != 1 or min(no) <= 0:
-            return None  # a prefill (or recompute) in the batch: not a steady decode step
-        k = min(max_steps, min(map(sub, mo, no)), cfg.max_model_len - 1 - max(c0))
-        # step at which each request needs its next new block
-        first = [L * bs - c + 1 for L, c in zip(map(len, map(_BLOCKS, running)), c0)]
+            c0, nt, no, mo, nc = (list(c) for c in zip(*map(_RUN_FIELDS, running)))
+            diffs = list(map(sub, nt, c0))
+            if min(diffs) != 1 or max(diffs) != 1 or min(no) <= 0:
+                return None  # a prefill (or recompute) in the batch: not a steady decode step
+            k = min(max_steps, min(map(sub, mo, no)), cfg.max_model_len - 1 - max(c0))
+            # step at which each request needs its next new block
+            first = [L * bs - c + 1 for L, c in zip(map(len, map(_BLOCKS, running)), c0)]
         if k < min_steps:
             return None
         # Blocks: the largest k whose cumulative allocations fit in the free blocks.

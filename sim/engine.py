@@ -366,6 +366,8 @@ class Engine:
         self._priority = cfg.scheduling_policy == "priority"
         self._waiting_fifo: deque[EngineRequest] = deque()
         self._waiting_heap: list[tuple[int, float, int, EngineRequest]] = []
+        # The one of the two in use: its len() is the waiting count (read several times per request).
+        self._waitq = self._waiting_heap if self._priority else self._waiting_fifo
         self._seq = 0
         self.num_preemptions = 0
         self._steps = 0
@@ -407,7 +409,7 @@ class Engine:
             s = run.completed_steps(self._clock() if now is None else now)
             free -= run.pending_blocks(s)
             gen += (s - run.done) * run.B
-        return len(self.running), self.num_waiting, free, self.num_preemptions, gen
+        return len(self.running), len(self._waitq), free, self.num_preemptions, gen
 
     def _pending_blocks(self) -> int:
         """Blocks the run in flight has taken by now but not yet popped from the free queue."""
@@ -424,7 +426,7 @@ class Engine:
         return len(self.running)
 
     def has_work(self) -> bool:
-        return bool(self.running) or self.num_waiting > 0
+        return bool(self.running) or len(self._waitq) > 0
 
     def add_request(self, req: EngineRequest, now: float) -> None:
         req.enqueue_s = now
@@ -512,7 +514,8 @@ class Engine:
         # 2. WAITING requests, only if nothing was preempted this step.
         full_isl = cfg.scheduler_reserve_full_isl
         if not preempted:
-            while budget > 0 and self.num_waiting and len(running) < cfg.max_num_seqs:
+            waitq = self._waitq
+            while budget > 0 and waitq and len(running) < cfg.max_num_seqs:
                 req = self._peek_waiting()
                 hit_blocks: list[int] = []
                 num_hit = 0
@@ -626,7 +629,10 @@ class Engine:
     def _finish(self, finished: list[EngineRequest], now: float) -> None:
         for req in finished:
             req.status = FINISHED
-        self.running = [r for r in self.running if r.status != FINISHED]
+        if len(finished) == len(self.running):  # the whole batch (finished ones are all running)
+            self.running = []
+        else:
+            self.running = [r for r in self.running if r.status != FINISHED]
         for req in finished:
             req.finish_s = now
             self.kv.free(req)
@@ -705,7 +711,7 @@ class Engine:
                 return None
         # The waiting head: must not be admissible now, and must stay so during the run.
         budget_left = cfg.max_num_batched_tokens - B
-        if self.num_waiting and budget_left > 0 and B < cfg.max_num_seqs:
+        if self._waitq and budget_left > 0 and B < cfg.max_num_seqs:
             whead = self._peek_waiting()
             hit_blocks: list[int] = []
             num_hit = 0
@@ -874,9 +880,12 @@ class Engine:
             lo = max(q, 1)
             if q == 0:
                 t0 = run.t0
-                if all(r.last_token_s == t0 for r in run.reqs):
-                    lo = 0  # all sampled at the run's start: step 1's gaps are like the others
+                for r in run.reqs:
+                    if r.last_token_s != t0:
+                        break
                 else:
+                    lo = 0  # all sampled at the run's start: step 1's gaps are like the others
+                if lo:
                     # Step 1: each request's gap since its own last token (as update() computes it).
                     t1 = run.end_of(1)
                     _emit_run_lengths(on_itl, [t1 - r.last_token_s for r in run.reqs])

@@ -33,7 +33,7 @@ import heapq
 import math
 from collections import deque
 from dataclasses import dataclass
-from operator import attrgetter, sub
+from operator import add, attrgetter, sub
 from typing import Callable, Sequence
 
 import numpy as np
@@ -173,7 +173,7 @@ class DecodeRun:
     """
 
     __slots__ = ("reqs", "B", "k", "ends", "c0", "first", "nc", "done", "pool_done",
-                 "memo", "allocs", "dc0", "times", "dmin", "dmax", "t0", "monotone")
+                 "memo", "allocs", "dc0", "times", "dmin", "dmax", "t0", "monotone", "head", "head_dt")
 
     FIRST_CHUNK = 512  # step durations are computed in chunks (512, then x4 in total): many runs are cut short
 
@@ -194,6 +194,10 @@ class DecodeRun:
         self.memo = (-1.0, 0)  # (time, steps ended by then) of the last completed_steps() query
         self.done = 0  # steps applied to the requests
         self.pool_done = 0  # steps whose block operations are applied to the pool
+        # A scheduled step that ends at t0 and is not applied yet (see Engine.plan_decode_run's
+        # ``head``): until t0 it is the step in flight and nothing of the run has happened.
+        self.head: StepPlan | None = None
+        self.head_dt = 0.0
 
     @property
     def computed(self) -> int:
@@ -389,14 +393,26 @@ class Engine:
         run = self._run
         if run is None:
             return self._steps
-        return self._steps + run.completed_steps(self._clock()) - run.done
+        return self._steps + self._progress(run, self._clock())[0]
 
     @property
     def tokens_generated(self) -> int:
         run = self._run
         if run is None:
             return self._tokens_generated
-        return self._tokens_generated + (run.completed_steps(self._clock()) - run.done) * run.B
+        return self._tokens_generated + self._progress(run, self._clock())[1]
+
+    @staticmethod
+    def _progress(run: "DecodeRun", now: float) -> tuple[int, int, int]:
+        """What the run in flight adds at ``now`` to the applied state: (steps, tokens generated,
+        blocks taken but not yet popped)."""
+        if run.head is not None:
+            if now < run.t0:
+                return 0, 0, 0  # the head step is in flight: nothing of the run is scheduled yet
+            s = run.completed_steps(now)
+            return 1 + s - run.done, run.B * (1 + s - run.done), run.pending_blocks(s)
+        s = run.completed_steps(now)
+        return s - run.done, (s - run.done) * run.B, run.pending_blocks(s)
 
     def gauges(self, now: float | None = None) -> tuple[int, int, int, int, int]:
         """``(num_running, num_waiting, num_free_blocks, num_preemptions, tokens_generated)`` at the
@@ -406,15 +422,15 @@ class Engine:
         gen = self._tokens_generated
         run = self._run
         if run is not None:
-            s = run.completed_steps(self._clock() if now is None else now)
-            free -= run.pending_blocks(s)
-            gen += (s - run.done) * run.B
+            _, tokens, blocks = self._progress(run, self._clock() if now is None else now)
+            free -= blocks
+            gen += tokens
         return len(self.running), len(self._waitq), free, self.num_preemptions, gen
 
     def _pending_blocks(self) -> int:
         """Blocks the run in flight has taken by now but not yet popped from the free queue."""
         run = self._run
-        return 0 if run is None else run.pending_blocks(run.completed_steps(self._clock()))
+        return 0 if run is None else self._progress(run, self._clock())[2]
 
     # -- queue -----------------------------------------------------------------------------
     @property
@@ -657,11 +673,22 @@ class Engine:
     def in_run(self) -> bool:
         return self._run is not None
 
-    def plan_decode_run(self, now: float, step_model, max_steps: int = 65536, min_steps: int = 2) -> float | None:
+    def plan_decode_run(self, now: float, step_model, max_steps: int = 65536, min_steps: int = 2,
+                        head: StepPlan | None = None, head_dt: float = 0.0) -> float | None:
         """Plan the next steps as one :class:`DecodeRun` if at least ``min_steps`` are certain.
 
         Returns the time the caller must wake up (the end of the run, or of its first chunk of
         steps; then call :meth:`run_wake`), or ``None`` if the next step must be scheduled normally.
+
+        ``head``: a step just scheduled (``schedule()``), taking ``head_dt`` and ending at ``now``,
+        not applied yet. The run is then planned now as it would be when that step ends -- on the
+        state ``update(head, now)`` will leave, which differs from the current one only in the
+        requests' token counts (the step's blocks are already allocated and registered, the queue
+        and the pool do not change until then) -- and the head is applied lazily at ``now``, like
+        the run's own steps. Only when every running request is in the head step and catches up
+        with its prompt there (so all decode afterwards), none finishes, and the step-time model
+        has the closed form; an arrival during the head step ends the run before its first step.
+        Saves the head step's own event and re-planning (a request's prefill on an idle replica).
         """
         if self._run is not None:
             raise RuntimeError("a fast-forward run is already in flight")
@@ -673,9 +700,26 @@ class Engine:
         if B == 0 or B > cfg.max_num_batched_tokens:
             return None
         bs = cfg.block_size
+        if step_model is not self._affine_model:
+            # (T, g) per batch size, memoised: a step-time model is deterministic.
+            self._affine_model = step_model
+            self._affine_fn = getattr(step_model, "decode_run_affine", None)
+            self._affine_memo = {}
+        if head is not None:
+            if head.preempted or head.requests != running or self._affine_fn is None:
+                return None
+            # The state after the head step: every request caught up (computed = its tokens now),
+            # one more token sampled.
+            c0 = [r.num_tokens for r in running]
+            if list(map(add, map(_COMPUTED, running), head.num_tokens)) != c0:
+                return None  # a chunk of a prefill: not decoding after the head step
+            nc = [r.num_cached_blocks for r in running]
+            k = min(max_steps, min(r.max_output_tokens - r.num_output_tokens for r in running) - 1,
+                    cfg.max_model_len - 1 - max(c0))
+            first = [L * bs - c + 1 for L, c in zip(map(len, map(_BLOCKS, running)), c0)]
         # The batch's columns, read with C-level iteration (this runs at every arrival to a busy
         # replica, over the whole batch).
-        if B == 1:  # the common case on a lightly loaded replica: no column machinery
+        elif B == 1:  # the common case on a lightly loaded replica: no column machinery
             r = running[0]
             c = r.num_computed_tokens
             if r.num_tokens - c != 1 or r.num_output_tokens <= 0:
@@ -748,21 +792,21 @@ class Engine:
                             break
                     if k < min_steps:
                         return None
-        if step_model is not self._affine_model:
-            # (T, g) per batch size, memoised: a step-time model is deterministic.
-            self._affine_model = step_model
-            self._affine_fn = getattr(step_model, "decode_run_affine", None)
-            self._affine_memo = {}
         if self._affine_fn is not None:
             Tg = self._affine_memo.get(B, False)
             if Tg is False:
                 Tg = self._affine_memo[B] = self._affine_fn(B)
             if Tg is not None and Tg[0] > 0 and Tg[1] >= 0:
                 run = AffineDecodeRun(list(running), c0, first, nc, k, allocs, now, Tg[0], Tg[1])
+                if head is not None:
+                    run.head = head
+                    run.head_dt = head_dt
                 self._run = run
                 self.kv.pending_sync = self.sync
                 self.kv.pending_blocks = self._pending_blocks
                 return run.end_time
+        if head is not None:
+            return None
         fn = getattr(step_model, "decode_run_times", None)
         monotone = fn is not None and getattr(step_model, "decode_run_monotone", False)
         if fn is None:
@@ -789,6 +833,9 @@ class Engine:
     def truncate_run(self, now: float) -> float:
         """Something arrived at ``now``: the run ends with the step in flight. Returns its end time."""
         run = self._run
+        if run.head is not None and now < run.t0:
+            run.k = 0  # the head step is in flight: the run ends with it
+            return run.end_time
         j = run.completed_steps(now) + 1
         if j < run.k:
             run.k = j
@@ -799,7 +846,12 @@ class Engine:
         run = self._run
         if run is None:
             return
-        s = run.completed_steps(self._clock())
+        now = self._clock()
+        if run.head is not None:
+            if now < run.t0:
+                return  # the head step is in flight: its blocks are allocated, nothing else happened
+            self._apply_head(run)
+        s = run.completed_steps(now)
         self._apply_run(run, s, min(s + 1, run.k))
 
     def finish_run(self, now: float) -> list[EngineRequest]:
@@ -807,6 +859,8 @@ class Engine:
         run = self._run
         if run is None:  # aborted meanwhile
             return []
+        if run.head is not None:
+            self._apply_head(run)
         self._apply_run(run, run.k, run.k)
         self._run = None
         self.kv.pending_sync = self.kv.pending_blocks = None
@@ -814,6 +868,14 @@ class Engine:
         if finished:
             self._finish(finished, now)
         return finished
+
+    def _apply_head(self, run: DecodeRun) -> None:
+        """Apply the run's head step, at its end (the run's start), as the replica would have."""
+        head = run.head
+        run.head = None
+        if self.update(head, run.t0):
+            raise RuntimeError("internal: a fused head step finished a request")  # excluded when planned
+        self.busy_s += run.head_dt
 
     def _apply_run(self, run: DecodeRun, s_req: int, s_pool: int) -> None:
         if s_pool > run.pool_done:
@@ -905,6 +967,7 @@ class Engine:
 _RUN_FIELDS = attrgetter("num_computed_tokens", "num_tokens", "num_output_tokens", "max_output_tokens",
                          "num_cached_blocks")
 _BLOCKS = attrgetter("blocks")
+_COMPUTED = attrgetter("num_computed_tokens")
 
 
 def _emit_run_lengths(on_itl: Callable[[float, int], None], gaps: Sequence[float]) -> None:

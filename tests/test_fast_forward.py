@@ -295,6 +295,65 @@ def test_engine_run_truncated_matches_naive_steps(cut, affine, monkeypatch):
     assert fast.kv.pool.cached == naive.kv.pool.cached
 
 
+@pytest.mark.parametrize("cut", [None, 0, 1, 5, 17])
+def test_engine_fused_head_step_matches_naive_steps(cut):
+    """A run planned together with the prefill step before it (``plan_decode_run(head=...)``):
+    observed while the head step is in flight it is the naive engine before that step's update;
+    truncated then, it ends with the head step; cut later, it matches the naive steps."""
+    cfg = EngineConfig(num_gpu_blocks=200, max_num_batched_tokens=4096, max_num_seqs=8)
+    t, (naive, fast) = _engine_pair(cfg, [(0, 100, 90), (1, 37, 70), (2, 250, 80)])
+    plans = [e.schedule(0.0) for e in (naive, fast)]
+    dt = LIN.step_time(plans[0].shape)
+    t1 = 0.0 + dt
+    end = fast.plan_decode_run(t1, LIN, head=plans[1], head_dt=dt)
+    assert end is not None and fast.in_run
+    t["now"] = t1 / 2  # mid head step: nothing of it applied yet, its blocks allocated
+    assert fast.gauges() == naive.gauges(t1 / 2)
+    assert (fast.steps, fast.tokens_generated, fast.kv.num_free_blocks) == \
+           (naive.steps, naive.tokens_generated, naive.kv.num_free_blocks)
+    if cut == 0:  # an arrival during the head step: the run ends with it
+        assert fast.truncate_run(t1 / 2) == t1
+        t["now"] = t1
+        assert fast.finish_run(t1) == []
+        naive.update(plans[0], t1)
+        assert _state(fast) == _state(naive) and fast.busy_s == dt
+        return
+    naive.update(plans[0], t1)
+    naive.busy_s += dt
+    times = [t1]
+    for _ in range(cut or 3):
+        p = naive.schedule(times[-1])
+        times.append(times[-1] + LIN.step_time(p.shape))
+        naive.update(p, times[-1])
+    if cut is None:  # observed at the head's end exactly: the head step counts as done
+        t["now"] = t1
+        g = fast.gauges()
+        assert g[4] == naive.tokens_generated - 3 * 3 and fast.steps == naive.steps - 3
+        return
+    t["now"] = (times[-2] + times[-1]) / 2
+    fast.sync()  # e.g. a precise router reading the cache mid-run
+    end = fast.truncate_run(t["now"])
+    assert end == pytest.approx(times[-1], rel=1e-15, abs=0)
+    t["now"] = end
+    fast.finish_run(end)
+    sf, sn = _state(fast), _state(naive)
+    assert [r[-1] for r in sf[0]] == pytest.approx([r[-1] for r in sn[0]], rel=1e-15)
+    assert ([r[:-1] for r in sf[0]], *sf[1:]) == ([r[:-1] for r in sn[0]], *sn[1:])
+    assert fast.busy_s == pytest.approx(dt + (times[-1] - t1), rel=1e-12)
+    fast.kv.pool.check_invariants()
+
+
+def test_fused_head_step_not_planned_when_the_batch_does_not_decode_after_it():
+    cfg = EngineConfig(num_gpu_blocks=200, max_num_batched_tokens=64, max_num_seqs=8)
+    t, (_, fast) = _engine_pair(cfg, [(0, 100, 90)])
+    plan = fast.schedule(0.0)  # a 64-token chunk of a 100-token prompt
+    assert fast.plan_decode_run(1.0, LIN, head=plan, head_dt=1.0) is None and not fast.in_run
+    cfg = EngineConfig(num_gpu_blocks=200, max_num_batched_tokens=4096, max_num_seqs=8)
+    t, (_, fast) = _engine_pair(cfg, [(0, 100, 2)])
+    plan = fast.schedule(0.0)  # finishes one step after the head: fewer than 2 steps to plan
+    assert fast.plan_decode_run(1.0, LIN, head=plan, head_dt=1.0) is None
+
+
 # -- closed-form runs: step ends, inversion, ITL progression ------------------------------------------
 @settings(max_examples=80, deadline=None)
 @given(t0=st.floats(0, 1e6), T=st.floats(1e-5, 1.0), g=st.floats(0, 1e-6), B=st.integers(1, 300),

@@ -9,11 +9,11 @@ event id), so the order of events is unchanged.
 
 from __future__ import annotations
 
-from heapq import heappush
+from heapq import heappop, heappush
 from typing import Callable
 
 import simpy
-from simpy.core import NORMAL
+from simpy.core import NORMAL, EmptySchedule, StopSimulation
 from simpy.events import Event
 
 
@@ -31,27 +31,30 @@ class CallbackEvent(Event):
 
     __slots__ = ()
 
+    # Always triggered successfully with no value: class attributes, not two instance-dict writes
+    # per event (``Event`` has no slots). What SimPy reads (``_ok``, ``_value``) is the same.
+    _ok = True
+    _value = None
+
     def __init__(self, env: simpy.Environment, callback: Callable[[Event], None], *, delay: float = 0.0,
                  at: float | None = None, priority: int = NORMAL, eid: int | None = None) -> None:
         self.env = env
         self.callbacks = [callback]
-        self._value = None
-        self._ok = True
-        if at is None:
-            if eid is None:
-                env.schedule(self, priority, delay)
-                return
-            at = env._now + delay
-        queue = getattr(env, "_queue", None)
-        if queue is not None:  # SimPy 4: what Environment.schedule does, at an absolute time
-            heappush(queue, (at, priority, next(env._eid) if eid is None else eid, self))
-        else:  # pragma: no cover - another SimPy layout: relative delay (exact up to an ulp)
-            env.schedule(self, priority, at - env.now)
+        try:  # SimPy 4: what Environment.schedule does (at an absolute time if ``at`` is given)
+            heappush(env._queue, (env._now + delay if at is None else at, priority,
+                                  next(env._eid) if eid is None else eid, self))
+        except AttributeError:  # pragma: no cover - another SimPy layout: relative delay (exact up to an ulp)
+            if eid is not None:
+                raise
+            env.schedule(self, priority, delay if at is None else at - env.now)
 
     def cancel(self) -> None:
-        """Processed as a no-op (SimPy cannot take an event out of its queue)."""
+        """Processed as a no-op (SimPy cannot take an event out of its queue).
+
+        The callback list is replaced, not cleared: it may be shared (``Replica._arm`` re-queues
+        processed events with one list it keeps)."""
         if self.callbacks:
-            self.callbacks.clear()
+            self.callbacks = []
 
 
 def can_reserve_eids(env: simpy.Environment) -> bool:
@@ -59,3 +62,45 @@ def can_reserve_eids(env: simpy.Environment) -> bool:
     event)`` and the ``_eid`` counter), which reserving event ids and ``CallbackEvent(eid=...)`` need."""
     return isinstance(getattr(env, "_queue", None), list) and hasattr(getattr(env, "_eid", None), "__next__")
 
+
+
+class Environment(simpy.Environment):
+    """``simpy.Environment`` whose ``run(until=event)`` processes events in one loop instead of a
+    ``step()`` call per event: the loop body is ``Environment.step``'s (SimPy 4.1), so events are
+    processed in the same order with the same semantics (clock, callbacks, failed events crashing
+    the run, ``StopSimulation`` re-queuing the rest of its event's callbacks). ``run()`` with no
+    or a numeric ``until``, and ``step()``, are SimPy's own.
+
+    Why: the simulator processes ~3 events per request; the call saves ~40 ns of each.
+    """
+
+    def run(self, until=None):
+        if not isinstance(until, Event):
+            return super().run(until)
+        if until.callbacks is None:  # already processed
+            return until.value
+        until.callbacks.append(StopSimulation.callback)
+        queue = self._queue
+        try:
+            while True:
+                try:
+                    self._now, _, _, event = heappop(queue)
+                except IndexError:
+                    raise EmptySchedule from None
+                callbacks, event.callbacks = event.callbacks, None
+                try:
+                    for callback in callbacks:
+                        callback(event)
+                except StopSimulation:
+                    event.callbacks = callbacks[callbacks.index(callback) + 1:]
+                    self.schedule(event, -1)  # EventPriority(-1), as Environment.step
+                    raise
+                if not event._ok and not hasattr(event, "_defused"):
+                    exc = type(event._value)(*event._value.args)
+                    exc.__cause__ = event._value
+                    raise exc
+        except StopSimulation as exc:
+            return exc.args[0]  # == until.value
+        except EmptySchedule:
+            assert not until.triggered
+            raise RuntimeError(f'No scheduled events left but "until" event was not triggered: {until}') from None

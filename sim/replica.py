@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+from heapq import heappush
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -34,7 +35,7 @@ from simpy.core import URGENT
 
 from policies.base import ReplicaState
 from sim.engine import Engine, EngineConfig, EngineRequest
-from sim.events import CallbackEvent
+from sim.events import CallbackEvent, can_reserve_eids
 from sim.step_time import StepTimeModel
 
 if TYPE_CHECKING:
@@ -49,6 +50,11 @@ def fast_forward_default() -> bool:
 
 _CANCEL_START = "cancel_start"  # interrupt cause: scaled in during the cold start
 
+# Enum members as module constants: ``ReplicaState.X`` is a class-attribute lookup through the
+# enum's metaclass (~80 ns); states are always these singletons, so ``is`` compares them.
+_SERVING = ReplicaState.SERVING
+_DRAINING = ReplicaState.DRAINING
+
 
 class EngineStalled(RuntimeError):
     """The scheduler had work but could schedule nothing: a bug or an impossible config."""
@@ -61,7 +67,7 @@ class Replica:
     __slots__ = ("cluster", "env", "replica_id", "engine", "step_model", "cold_start_s", "num_gpus",
                  "usd_per_gpu_hour", "block_size", "num_total_blocks", "fast_forward", "state", "created_s",
                  "serving_s", "ended_s", "inflight_requests", "inflight_tokens", "_stop_now", "_idle", "_timer",
-                 "_timer_at", "_plan", "_dt", "_plan_aborts", "_stopped", "process")
+                 "_timer_at", "_plan", "_dt", "_plan_aborts", "_stopped", "process", "_spare", "_step_cbs", "_heap")
 
     def __init__(self, cluster: "Cluster", replica_id: int, engine_cfg: EngineConfig,
                  step_model: StepTimeModel, cold_start_s: float, num_gpus: int, usd_per_gpu_hour: float,
@@ -93,6 +99,11 @@ class Replica:
         self._idle = False  # serving with nothing to do: the next submit wakes the loop
         self._timer: CallbackEvent | None = None  # end of the step (or run) in flight
         self._timer_at = 0.0
+        # The step-end event last processed, re-queued by the next _arm instead of a new event
+        # (SimPy 4 layout only: _heap is env._queue, else None and every arm makes an event).
+        self._spare: CallbackEvent | None = None
+        self._step_cbs = [self._step_done]  # its callback list (SimPy reads it, never mutates it)
+        self._heap = env._queue if can_reserve_eids(env) else None
         self._plan = None
         self._dt = 0.0
         self._plan_aborts = 0
@@ -166,14 +177,16 @@ class Replica:
     def _next_step(self) -> None:
         """Plan what the GPU does next: a run of decode steps, one step, or nothing."""
         engine = self.engine
-        if not engine.has_work():
-            if self.state == ReplicaState.DRAINING:
+        running = engine.running
+        # engine.has_work(), inlined (this runs after every step): running, or a waiting queue.
+        if not running and not engine._waitq:
+            if self.state is _DRAINING:
                 self._stopped.succeed()
             else:
                 self._idle = True
             return
-        now = self.env.now
-        if self.fast_forward and engine.running:
+        now = self.env._now
+        if running and self.fast_forward:
             end = engine.plan_decode_run(now, self.step_model)
             if end is not None:
                 self._plan = None
@@ -196,17 +209,36 @@ class Replica:
         self._arm(now + dt)
 
     def _arm(self, t: float) -> None:
-        """(Re)place the wake-up at the end of the step or run in flight."""
-        if self._timer is not None:
-            self._timer.cancel()
+        """(Re)place the wake-up at the end of the step or run in flight.
+
+        The event is queued as ``CallbackEvent(env, self._step_done, at=t, priority=URGENT)``
+        would queue it: key ``(t, URGENT, next(env._eid))``, so the order of events is unchanged.
+        After a step end was processed, that same event object is queued again under the new key
+        (SimPy is done with it: it took its callbacks and reads nothing else of it afterwards);
+        a wake-up still queued (a run truncated by an arrival) is cancelled and a new one made.
+        """
+        ev = self._timer
+        if ev is None:
+            ev = self._spare
+            if ev is not None:
+                self._spare = None
+                ev.callbacks = self._step_cbs
+                heappush(self._heap, (t, URGENT, next(self.env._eid), ev))
+                self._timer = ev
+                self._timer_at = t
+                return
+        else:
+            ev.cancel()  # processed later as a no-op
         self._timer = CallbackEvent(self.env, self._step_done, at=t, priority=URGENT)
         self._timer_at = t
 
-    def _step_done(self, _event) -> None:
+    def _step_done(self, event) -> None:
         """The step (or run) in flight ended: apply it, hand back finished requests, go on."""
         self._timer = None
+        if self._heap is not None:
+            self._spare = event  # processed: _arm may queue it again
         engine = self.engine
-        now = self.env.now
+        now = self.env._now
         if engine.aborts != self._plan_aborts:  # everything was aborted meanwhile (horizon)
             finished = []
             self._plan = None
@@ -220,9 +252,12 @@ class Replica:
             finished = engine.update(self._plan, now)
             engine.busy_s += self._dt
             self._plan = None
-        for req in finished:
-            self.cluster.on_request_finished(self, req)
-        if self.state in (ReplicaState.SERVING, ReplicaState.DRAINING):
+        if finished:
+            on_finished = self.cluster.on_request_finished
+            for req in finished:
+                on_finished(self, req)
+        state = self.state
+        if state is _SERVING or state is _DRAINING:
             self._next_step()
 
     def _wake(self, _event) -> None:
@@ -236,7 +271,8 @@ class Replica:
     # -- commands from the cluster -------------------------------------------------------------
     def submit(self, req: EngineRequest) -> None:
         env = self.env
-        self.engine.add_request(req, env._now)
+        engine = self.engine
+        engine.add_request(req, env._now)
         if self._idle:
             self._idle = False
             wakes = self.cluster._wakes
@@ -247,9 +283,9 @@ class Replica:
                 # _schedule_wake would take it, and Cluster._run_wakes either runs the wake
                 # directly (nothing sorts before it) or queues it with this id.
                 wakes.append((next(env._eid), self))
-        elif self.engine.in_run:
+        elif engine._run is not None:  # engine.in_run
             # The new request can change the batch: the run ends with the step in flight.
-            end = self.engine.truncate_run(self.env.now)
+            end = engine.truncate_run(env._now)
             if end < self._timer_at:
                 self._arm(end)
 
@@ -352,7 +388,12 @@ def _bulk_itl(hist):
         """
         counts = hist.counts
         last_v = first + step * (n - 1)
-        b = 0 if first <= h_lo else min(int(log(first / h_lo) / log_base) + 1, last)
+        if first <= h_lo:  # bucket(first), inlined
+            b = 0
+        else:
+            b = int(log(first / h_lo) / log_base) + 1
+            if b > last:
+                b = last
         hi = edges[b + 1]
         if hi is None:
             hi = edge(b + 1)

@@ -11,8 +11,10 @@ the simulator's innermost event), with two ways to advance:
 - **one step at a time** (the reference): ``plan = engine.schedule()``, an event at
   ``now + step_time(plan.shape)``, then ``engine.update(plan, now)``;
 - **fast-forward** (default): when the batch is a steady decode run, one event at the end of the
-  whole run (:meth:`sim.engine.Engine.plan_decode_run`). An arrival truncates the run to the step
-  in flight (the event moves earlier); views read in between see the exact state at that time.
+  whole run (:meth:`sim.engine.Engine.plan_decode_run`), and when a scheduled step (a prefill on
+  an idle replica, say) leaves the batch decoding, the step and the run after it are one event
+  (``head=``). An arrival truncates the run to the step in flight (the event moves earlier);
+  views read in between see the exact state at that time.
 
 Both give identical results (tests/test_fast_forward.py; to round-off with the roofline step time,
 whose vectorised durations may differ by an ulp). Step-end events are URGENT: at a time where a
@@ -203,6 +205,15 @@ class Replica:
                 f"replica {self.replica_id}: {engine.num_waiting} waiting, {engine.num_running} running "
                 f"but nothing schedulable (free blocks {engine.kv.num_free_blocks})")
         dt = self.step_model.step_time(plan.shape)
+        if self.fast_forward:
+            # If the steps after this one are a decode run, plan it now with this step as its head
+            # (one event for both; Engine.plan_decode_run).
+            end = engine.plan_decode_run(now + dt, self.step_model, head=plan, head_dt=dt)
+            if end is not None:
+                self._plan = None
+                self._plan_aborts = engine.aborts
+                self._arm(end)
+                return
         self._plan = plan
         self._dt = dt
         self._plan_aborts = engine.aborts

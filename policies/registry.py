@@ -93,9 +93,22 @@ def parse_params(kind: str, name: str, model: type[_M], params: dict[str, Any]) 
         raise ConfigError(f"{kind} {name!r}: " + "; ".join(parts).replace("\n", " ")) from None
 
 
-def _load_builtin_routers() -> None:
-    # Importing the package registers its policies.
-    import policies.routers  # noqa: F401
+# The modules of ``policies.routers`` that register the built-in routers, and which one registers
+# each name: a run imports only the module of the router it uses (the others, and their pydantic
+# models, cost ~7 ms of start-up); listings and unknown names load them all.
+_ROUTER_MODULES = ("basic", "hybrid", "load_aware", "prefix_aware", "sticky")
+_ROUTER_MODULE_OF = {
+    "round-robin": "basic", "random": "basic", "least-requests": "basic", "least-loaded": "basic",
+    "hybrid": "hybrid", "least-kv": "load_aware", "power-of-two": "load_aware",
+    "prefix-aware": "prefix_aware", "sticky": "sticky",
+}
+
+
+def _load_builtin_routers(policy: str | None = None) -> None:
+    """Import (and so register) the built-in router ``policy``, or every built-in router."""
+    mod = _ROUTER_MODULE_OF.get(policy) if policy is not None else None
+    for m in (mod,) if mod is not None else _ROUTER_MODULES:
+        importlib.import_module(f"policies.routers.{m}")
 
 
 def _load_builtin_autoscalers() -> None:
@@ -119,7 +132,9 @@ def _import_policy(kind: str, policy: str) -> Any:
 
 
 def make_router(policy: str, rng=None, **params: Any):
-    _load_builtin_routers()
+    _load_builtin_routers(policy)
+    if policy not in ROUTERS and ":" not in policy:
+        _load_builtin_routers()  # every built-in, for the error's list of known routers
     if policy in ROUTERS:
         cls = ROUTERS[policy]
     elif ":" in policy:

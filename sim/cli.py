@@ -6,8 +6,10 @@ errors print one line ``error: ...`` on stderr and exit with code 2, never a tra
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -24,6 +26,25 @@ def _root() -> None:
     """fleetsim: simulate LLM serving clusters whose replicas behave like vLLM V1."""
 
 
+@contextmanager
+def _gc_paused():
+    """Import the simulator (pandas, numpy, pyarrow, pydantic: ~70k long-lived objects) without the
+    cyclic garbage collector running over them again and again (~180 young, ~16 middle and one full
+    collection, 50-100 ms, finding nothing). The imported objects then go to the oldest generation as
+    they are (freeze + unfreeze), so nothing is left uncollectable."""
+    enabled = gc.isenabled()
+    own = gc.get_freeze_count() == 0  # a caller's own frozen set is left alone
+    gc.disable()
+    try:
+        yield
+    finally:
+        if own:
+            gc.freeze()
+            gc.unfreeze()
+        if enabled:
+            gc.enable()
+
+
 def _fail(msg: str) -> None:
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(2)
@@ -38,8 +59,9 @@ def run(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
 ) -> None:
     """Simulate a scenario and print its summary."""
-    import sim
-    from sim.api import json_safe
+    with _gc_paused():
+        import sim
+        from sim.api import json_safe
 
     try:
         result = sim.run(scenario, overrides=set_, progress=progress and sys.stderr.isatty())
@@ -124,6 +146,11 @@ def main() -> None:
     except FleetsimError as e:  # errors raised outside command bodies (e.g. while mounting)
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
+    finally:
+        # The process ends next. Python's shutdown runs full garbage collections over every live
+        # object (~80k: the imported libraries), 0.1-0.25 s that free nothing the OS would not.
+        # Frozen objects are skipped; modules are still torn down, atexit handlers still run.
+        gc.freeze()
 
 
 if __name__ == "__main__":

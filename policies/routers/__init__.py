@@ -1,3 +1,2 @@
-"""Built-in routers. Each module registers its routers on import."""
-
-from policies.routers import basic, hybrid, load_aware, prefix_aware, sticky  # noqa: F401
+"""Built-in routers. Each module registers its routers on import; ``policies.registry`` imports them
+(only the one a scenario names for a run, all of them for listings)."""

@@ -32,7 +32,7 @@ from policies.routers.prefix_index import PrefixMatcher
 
 
 class DynamoParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
     overlap_score_weight: float = Field(1.0, ge=0.0)
     temperature: float = Field(0.0, ge=0.0)
     prefix_mode: Literal["approximate", "precise"] = "precise"

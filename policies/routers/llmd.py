@@ -31,7 +31,7 @@ TOKEN_LOAD_CAPACITY = 4_194_304
 
 
 class LlmdParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
     weights: dict[Scorer, Annotated[float, Field(ge=0)]] = Field(
         default_factory=lambda: {"queue": 2.0, "kv": 2.0, "prefix": 3.0}
     )

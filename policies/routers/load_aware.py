@@ -41,7 +41,7 @@ class LeastKV(Router):
 
 
 class _P2CParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
     load: LoadMetric = "inflight"
 
 

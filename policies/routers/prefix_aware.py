@@ -30,7 +30,7 @@ from policies.routers.selection import randbelow
 
 
 class PrefixParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
     mode: Literal["approximate", "precise"] = "approximate"
     cache_blocks: int | None = Field(None, ge=1, description="approximate LRU size; default: replica cache size")
     max_imbalance: int | None = Field(8, ge=0, description="load guard on in-flight requests; null = off")

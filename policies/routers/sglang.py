@@ -31,7 +31,7 @@ from policies.routers.selection import argmin_random
 
 
 class SglangParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
     balance_abs_threshold: int = Field(64, ge=0)
     balance_rel_threshold: float = Field(1.5, ge=1.0)
     cache_threshold: float = Field(0.3, ge=0.0, le=1.0)

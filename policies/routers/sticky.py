@@ -36,7 +36,7 @@ def stable_hash64(data: str) -> int:
 
 
 class _StickyParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
     eps: float = Field(0.25, gt=0, description="capacity slack: C = ceil((1+eps) m / n)")
     vnodes: int = Field(160, ge=1, le=10_000)
     key: Literal["session", "prefix"] = "session"

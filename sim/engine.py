@@ -42,6 +42,8 @@ from sim.kv_cache import KVCacheManager, unique_hash_base
 from sim.step_time import BatchShape
 
 WAITING, RUNNING, FINISHED = 0, 1, 2
+_NO_ENDS = np.empty(0)  # a closed-form run computes no step ends
+_NO_ENDS.flags.writeable = False
 
 
 class EngineRequest:
@@ -287,10 +289,29 @@ class AffineDecodeRun(DecodeRun):
     __slots__ = ("d1", "a")
 
     def __init__(self, reqs, c0, first, nc, k, allocs, t0, T: float, g: float):
-        super().__init__(reqs, c0, first, nc, k, allocs, None, t0, True)
+        # DecodeRun.__init__'s fields, minus the arrays of computed step ends (one is planned per
+        # request or so: this is on the per-request path).
+        self.reqs = reqs
+        self.monotone = True
+        self.t0 = t0
+        B = self.B = len(reqs)
+        self.c0 = c0
+        self.first = first
+        self.nc = nc
+        self.allocs = allocs
+        self.k = k
+        self.dc0 = sum(c0) + B
+        self.times = None
+        self.ends = _NO_ENDS
+        self.memo = (-1.0, 0)
+        self.done = 0
+        self.pool_done = 0
+        self.head = None
+        self.head_dt = 0.0
         self.d1 = T + g * self.dc0  # duration of step 1
-        self.a = g * self.B  # growth of the duration per step
+        self.a = g * B  # growth of the duration per step
         self.dmin = self.d1
+        self.dmax = 0.0  # (unused: the closed form needs no bounds of computed durations)
 
     @property
     def computed(self) -> int:
@@ -710,13 +731,23 @@ class Engine:
                 return None
             # The state after the head step: every request caught up (computed = its tokens now),
             # one more token sampled.
-            c0 = [r.num_tokens for r in running]
-            if list(map(add, map(_COMPUTED, running), head.num_tokens)) != c0:
-                return None  # a chunk of a prefill: not decoding after the head step
-            nc = [r.num_cached_blocks for r in running]
-            k = min(max_steps, min(r.max_output_tokens - r.num_output_tokens for r in running) - 1,
-                    cfg.max_model_len - 1 - max(c0))
-            first = [L * bs - c + 1 for L, c in zip(map(len, map(_BLOCKS, running)), c0)]
+            if B == 1:
+                r = running[0]
+                c = r.num_tokens
+                if r.num_computed_tokens + head.num_tokens[0] != c:
+                    return None  # a chunk of a prefill: not decoding after the head step
+                c0 = [c]
+                nc = [r.num_cached_blocks]
+                k = min(max_steps, r.max_output_tokens - r.num_output_tokens - 1, cfg.max_model_len - 1 - c)
+                first = [len(r.blocks) * bs - c + 1]
+            else:
+                c0 = [r.num_tokens for r in running]
+                if list(map(add, map(_COMPUTED, running), head.num_tokens)) != c0:
+                    return None  # a chunk of a prefill: not decoding after the head step
+                nc = [r.num_cached_blocks for r in running]
+                k = min(max_steps, min(r.max_output_tokens - r.num_output_tokens for r in running) - 1,
+                        cfg.max_model_len - 1 - max(c0))
+                first = [L * bs - c + 1 for L, c in zip(map(len, map(_BLOCKS, running)), c0)]
         # The batch's columns, read with C-level iteration (this runs at every arrival to a busy
         # replica, over the whole batch).
         elif B == 1:  # the common case on a lightly loaded replica: no column machinery

@@ -407,6 +407,8 @@ class Engine:
         self._affine_model = None  # the step-time model whose decode_run_affine is memoised below
         self._affine_fn = None
         self._affine_memo: dict[int, tuple[float, float] | None] = {}
+        self._sync_bound = self.sync  # handed to the KV manager at each run (bound once)
+        self._pending_bound = self._pending_blocks
 
     # -- counters (exact at any time, even while a run is in flight) -------------------------
     @property
@@ -443,9 +445,16 @@ class Engine:
         gen = self._tokens_generated
         run = self._run
         if run is not None:
-            _, tokens, blocks = self._progress(run, self._clock() if now is None else now)
-            free -= blocks
-            gen += tokens
+            if now is None:
+                now = self._clock()
+            if run.head is None:  # (_progress, inlined for the common case: this is per sample)
+                s = run.completed_steps(now)
+                free -= run.pending_blocks(s)
+                gen += (s - run.done) * run.B
+            else:
+                _, tokens, blocks = self._progress(run, now)
+                free -= blocks
+                gen += tokens
         return len(self.running), len(self._waitq), free, self.num_preemptions, gen
 
     def _pending_blocks(self) -> int:
@@ -833,8 +842,8 @@ class Engine:
                     run.head = head
                     run.head_dt = head_dt
                 self._run = run
-                self.kv.pending_sync = self.sync
-                self.kv.pending_blocks = self._pending_blocks
+                kv.pending_sync = self._sync_bound
+                kv.pending_blocks = self._pending_bound
                 return run.end_time
         if head is not None:
             return None

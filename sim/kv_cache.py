@@ -578,6 +578,8 @@ class KVCacheManager:
         """(new blocks to pop, blocks the allocation takes from the free queue) -- no side effects."""
         num_computed = req.num_computed_tokens + len(new_computed_blocks) * self.block_size
         num_new = -(-(num_computed + num_new_tokens) // self.block_size) - len(req.blocks) - len(new_computed_blocks)
+        if not new_computed_blocks:
+            return num_new, max(num_new, 0)
         rc = self.pool.ref_cnt
         evictable_hits = sum(1 for b in new_computed_blocks if rc[b] == 0)
         return num_new, max(num_new, 0) + evictable_hits

@@ -227,6 +227,10 @@ class Cluster:
         self._router_on_finished = _override(router, Router, "on_finished")
         self._admission_on_finished = getattr(cfg.admission, "on_finished", None) if cfg.admission is not None else None
         self._needs_routing = self._router_on_finished is not None or self._admission_on_finished is not None
+        self._route = router.route  # bound once: called for every request
+        self._arrivals_cb = self._arrivals_due  # (bound once: one per arrival time)
+        self._no_labels = self.session is None and self.tenant is None  # RoutingRequest without session/tenant
+        self._staleness_s = cfg.staleness_s
 
     def _link_sessions(self, df: pd.DataFrame) -> None:
         """Closed loop: a turn whose parent is in the table waits for the parent to finish."""
@@ -357,6 +361,15 @@ class Cluster:
         gated = self._gated_mv
         n = self.n
         i = self._next_arrival
+        now = env._now  # (nothing below advances the clock)
+        # _arrive and _engine_request, inlined for the common case (no admission policy).
+        inline = self.cfg.admission is None
+        prompt = self._prompt_mv
+        output = self._output_mv
+        priority = self._priority_mv
+        max_len = self._max_model_len
+        prompt_hashes = self._prompt_hashes
+        dispatch = self._dispatch
         wakes = self._wakes = [] if self._fold_wakes else None
         try:
             while i < n:
@@ -367,14 +380,25 @@ class Cluster:
                 # given, and numpy float64 arithmetic would then spread to every step end computed
                 # from it (same values, ~5x slower per operation).
                 t = arrival[i]
-                now = env._now
                 if t > now:
                     self._next_arrival = i
-                    CallbackEvent(env, self._arrivals_due, delay=t - now)  # at now + (t - now), as env.timeout
+                    CallbackEvent(env, self._arrivals_cb, delay=t - now)  # at now + (t - now), as env.timeout
                     break
+                k = i
                 i += 1
-                self._next_arrival = i
-                self._arrive(i - 1)
+                if not inline:
+                    self._next_arrival = i
+                    self._arrive(k)
+                    continue
+                self.arrived += 1
+                p = prompt[k]
+                o = output[k]
+                if p + o > max_len:
+                    # vLLM's API server refuses these with HTTP 400 before they reach the engine.
+                    self._end_index(k, REJECTED, "exceeds_max_model_len")
+                    continue
+                hashes, shared = prompt_hashes(k)
+                dispatch(EngineRequest(k, t, p, o, hashes, 0 if priority is None else priority[k], shared))
             else:
                 self._next_arrival = n
         finally:
@@ -416,7 +440,8 @@ class Cluster:
         for k, (eid, r) in enumerate(wakes):
             if queue:
                 top = queue[0]
-                if top[0] <= now and (top[1], top[2]) < (NORMAL, eid):
+                # (top[1], top[2]) < (NORMAL, eid), without building the tuples (integers)
+                if top[0] <= now and (top[1] < NORMAL or (top[1] == NORMAL and top[2] < eid)):
                     for eid, r in wakes[k:]:
                         CallbackEvent(env, r._wake, eid=eid)  # at now, NORMAL: where _schedule_wake put it
                     return
@@ -448,17 +473,30 @@ class Cluster:
             else:
                 self._end_unserved(req, REJECTED, "no_replicas")
             return
-        rreq = self._routing_request(req)
-        views = serving if self.cfg.staleness_s <= 0 else self._router_views(serving)
+        # _routing_request, inlined (once per request).
+        i = req.idx
+        prompt_tokens = req.prompt_tokens
+        # (A copy of the prompt's hashes: the engine extends its list in place with the hashes of
+        # generated blocks.)
+        hashes = req.block_hashes[: prompt_tokens // self._block_size]
+        if self._no_labels:
+            rreq = RoutingRequest(i, req.arrival_s, prompt_tokens, req.max_output_tokens, hashes, None, None,
+                                  req.priority)
+        else:
+            rreq = RoutingRequest(
+                i, req.arrival_s, prompt_tokens, req.max_output_tokens, hashes,
+                None if self.session is None else _opt_str(self.session[i]),
+                None if self.tenant is None else _opt_str(self.tenant[i]),
+                req.priority,
+            )
         now = self.env._now
-        rid = self.cfg.router.route(rreq, views, now)
+        rid = self._route(rreq, serving if self._staleness_s <= 0 else self._router_views(serving), now)
         replicas = self.replicas
         target = replicas[rid] if 0 <= rid < len(replicas) else None
         if target is None or target.state != _SERVING:
             raise RuntimeError(f"router {self.cfg.router.name!r} chose replica {rid}, which is not serving")
         target.inflight_requests += 1
-        target.inflight_tokens += req.prompt_tokens + req.max_output_tokens
-        i = req.idx
+        target.inflight_tokens += prompt_tokens + req.max_output_tokens
         if self._needs_routing:
             self._routing[i] = rreq
         self.o_replica[i] = rid
@@ -491,23 +529,31 @@ class Cluster:
         r.inflight_requests -= 1
         r.inflight_tokens -= req.prompt_tokens + req.max_output_tokens
         if self._needs_routing:
-            rreq = self._routing.pop(req.idx, None)
-            if rreq is not None:
-                now = self.env._now
-                if self._router_on_finished is not None:
-                    self._router_on_finished(rreq, r.replica_id, now)
-                if self._admission_on_finished is not None:
-                    self._admission_on_finished(rreq, now, req.num_output_tokens)
+            self._finished_hooks(req, r)
+
+    def _finished_hooks(self, req: EngineRequest, r: Replica) -> None:
+        rreq = self._routing.pop(req.idx, None)
+        if rreq is not None:
+            now = self.env._now
+            if self._router_on_finished is not None:
+                self._router_on_finished(rreq, r.replica_id, now)
+            if self._admission_on_finished is not None:
+                self._admission_on_finished(rreq, now, req.num_output_tokens)
 
     # -- endings --------------------------------------------------------------------------------
     def on_request_finished(self, r: Replica, req: EngineRequest) -> None:
-        self._release(req, r)
+        # _release(req, r) and, at the end, _end_index(i, COMPLETED, None), inlined: once per request.
+        r.inflight_requests -= 1
+        r.inflight_tokens -= req.prompt_tokens + req.max_output_tokens
+        if self._needs_routing:
+            self._finished_hooks(req, r)
         i = req.idx
         arrival_s = req.arrival_s
         first_token_s = req.first_token_s
         finish_s = req.finish_s
         n_out = req.num_output_tokens
-        self.o_cached[i] = max(req.cached_tokens, 0)
+        cached = req.cached_tokens
+        self.o_cached[i] = cached if cached > 0 else 0  # max(cached, 0)
         self.o_out[i] = n_out
         self.o_queue[i] = req.first_scheduled_s - arrival_s
         self.o_ttft[i] = first_token_s - arrival_s
@@ -517,7 +563,17 @@ class Cluster:
         self.o_finish[i] = finish_s
         if req.num_preemptions:
             self.o_preempt[i] += req.num_preemptions
-        self._end_index(i, COMPLETED, None)
+        status = self.o_status
+        if status[i] != 0:
+            raise RuntimeError(f"request {i} ended twice ({_STATUS_NAMES[status[i]]} then {COMPLETED})")
+        status[i] = 1  # _STATUS_CODES[COMPLETED]
+        ended = self.ended = self.ended + 1
+        if self.children is not None and i in self.children:
+            self._on_session_turn_ended(i, True)
+        if ended % self._progress_every == 0:
+            self._report_progress()
+        if ended == self.n and not self._done.triggered:
+            self._done.succeed()
 
     def _end_unserved(self, req: EngineRequest, status: str, reason: str) -> None:
         self._end_index(req.idx, status, reason)
@@ -538,12 +594,15 @@ class Cluster:
         if self.children is not None and i in self.children:
             self._on_session_turn_ended(i, status == COMPLETED)
         if self.ended % self._progress_every == 0:
-            if self._progress is not None:
-                self._progress.update(self._progress_every)
-            if self.cfg.on_progress is not None:
-                self.cfg.on_progress(self.ended, self.n, self.env.now)
+            self._report_progress()
         if self.ended == self.n and not self._done.triggered:
             self._done.succeed()
+
+    def _report_progress(self) -> None:
+        if self._progress is not None:
+            self._progress.update(self._progress_every)
+        if self.cfg.on_progress is not None:
+            self.cfg.on_progress(self.ended, self.n, self.env.now)
 
     # -- autoscaling, failures, sampling -----------------------------------------------------
     def cluster_view(self) -> ClusterView:
@@ -609,8 +668,7 @@ class Cluster:
         rows: list[tuple] = []  # per active replica: (replica, gauges, kv manager, id, usable blocks)
         rows_version = -1  # self._active_version that rows was built for
         while True:
-            t = env.now
-            run_sum = wait_sum = gen_sum = pre_sum = 0
+            t = env._now
             kv_sum = 0.0
             n_rep = 0
             active = self.active
@@ -618,24 +676,27 @@ class Cluster:
                 rows = [(r, r.engine.gauges, r.engine.kv, r.replica_id, r.engine.kv.pool.num_gpu_blocks - 1)
                         for r in active]
                 rows_version = self._active_version
+            first = len(ints)  # this tick's replica rows start here (ints is flushed only by end_tick)
             for r, gauges, kv, rid, usable in rows:
                 q = kv.prefix_queries
                 hr = kv.prefix_hits / q if q else 0.0
                 run, wait, free, pre, gen = gauges(t)
                 usage = 1.0 - free / usable  # KVCacheManager.usage()
                 st = r.state
-                code = codes.get(st)
-                if code is None:
+                try:
+                    code = codes[st]
+                except KeyError:
                     code = series.code(st.value)
                 ints += (rid, code, run, wait, pre, gen, r.inflight_requests)
                 floats += (usage, hr)
-                run_sum += run
-                wait_sum += wait
-                kv_sum += usage
-                gen_sum += gen
-                pre_sum += pre
+                kv_sum += usage  # (in row order, as before: float addition is not associative)
                 if st is serving or st is starting:
                     n_rep += 1
+            # The integer sums over the tick's rows (exact in any order), from the columns just written.
+            run_sum = sum(ints[first + 2::7])
+            wait_sum = sum(ints[first + 3::7])
+            pre_sum = sum(ints[first + 4::7])
+            gen_sum = sum(ints[first + 5::7])
             code = cluster_codes.get(n_rep)
             if code is None:
                 code = cluster_codes[n_rep] = series.code(f"replicas={n_rep}")

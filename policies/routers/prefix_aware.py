@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from policies.base import ReplicaView, Router, RoutingRequest
 from policies.registry import parse_params, register_router
 from policies.routers.prefix_index import PrefixMatcher
-from policies.routers.selection import randbelow
+from policies.routers.selection import drawer
 
 
 class PrefixParams(BaseModel):
@@ -56,6 +56,8 @@ class PrefixRule:
         self.rng = rng
         self.matcher = PrefixMatcher(cfg.mode, cfg.cache_blocks)
         self.last_decision = ""  # "prefix" or "fallback" (for tests and traces)
+        self._draw_rng = None  # the rng that _draw draws from (see _pick)
+        self._draw = None
 
     def route(self, request: RoutingRequest, views: Sequence[ReplicaView]) -> int:
         # On the path of every request, so: one read of each view's load, candidates as positions,
@@ -64,7 +66,8 @@ class PrefixRule:
         inflight = [v.inflight_requests for v in views]
         lo = min(inflight)
         cands = views
-        max_imbalance = self.cfg.max_imbalance
+        cfg = self.cfg
+        max_imbalance = cfg.max_imbalance
         if max_imbalance is not None and max(inflight) > lo + max_imbalance:
             hi = lo + max_imbalance
             keep = [i for i, x in enumerate(inflight) if x <= hi]
@@ -73,10 +76,27 @@ class PrefixRule:
         hashes = request.block_hashes
         total = len(hashes)
         if total:
-            matched = self.matcher.held_matches(hashes, cands)
+            matcher = self.matcher
+            index = matcher.index
+            if index is None:
+                matched = matcher.held_matches(hashes, cands)
+            else:
+                # PrefixMatcher.held_matches, inlined (approximate mode): observe, then no match
+                # list when no replica holds the first block. observe's own early return is
+                # checked here first (a tuple of views already observed: nothing to learn).
+                if index.capacity_blocks is None and (cands is not index._observed or type(cands) is not tuple):
+                    index.observe(cands)
+                if hashes[0] not in index._firsts:
+                    matched = None
+                else:
+                    lrus = index._lru
+                    matched = []
+                    for v in cands:
+                        lru = lrus.get(v.replica_id)
+                        matched.append(0 if lru is None else lru.leading_match(hashes))
             if matched is not None:
                 best = max(matched)
-                if best > 0 and best / total >= self.cfg.min_match_ratio:
+                if best > 0 and best / total >= cfg.min_match_ratio:
                     self.last_decision = "prefix"
                     top = [i for i, m in enumerate(matched) if m == best]
                     if len(top) > 1:
@@ -84,11 +104,30 @@ class PrefixRule:
                         top = [i for i in top if inflight[i] == least]
                     return cands[self._pick(top)].replica_id
         self.last_decision = "fallback"  # the least loaded candidate (the guard keeps every one at lo)
-        return cands[self._pick([i for i, x in enumerate(inflight) if x == lo])].replica_id
+        # _pick([i for i, x in enumerate(inflight) if x == lo]) without the list: the k-th
+        # position holding lo, k drawn below the number of them (no draw when there is one).
+        n = inflight.count(lo)
+        pos = inflight.index(lo)
+        if n > 1:
+            rng = self.rng
+            if rng is not self._draw_rng:
+                self._draw = drawer(rng)
+                self._draw_rng = rng
+            for _ in range(self._draw(n)):
+                pos = inflight.index(lo, pos + 1)
+        return cands[pos].replica_id
 
     def _pick(self, positions: list[int]) -> int:
-        """One of ``positions``, uniformly at random if several (as :func:`argmin_random`)."""
-        return positions[0] if len(positions) == 1 else positions[randbelow(self.rng, len(positions))]
+        """One of ``positions``, uniformly at random if several (as :func:`argmin_random`).
+
+        The draw is ``randbelow(self.rng, n)``, through :func:`drawer` (looked up once per rng)."""
+        if len(positions) == 1:
+            return positions[0]
+        rng = self.rng
+        if rng is not self._draw_rng:
+            self._draw = drawer(rng)
+            self._draw_rng = rng
+        return positions[self._draw(len(positions))]
 
 
 @register_router("prefix-aware")
@@ -104,6 +143,8 @@ class PrefixAware(Router):
         super().__init__(rng)
         self.mode = cfg.mode
         self._rule = PrefixRule(cfg, None)
+        index = self._rule.matcher.index  # approximate mode: per-replica LRUs (fixed for life)
+        self._lrus = index._lru if index is not None else None
 
     @property
     def last_decision(self) -> str:
@@ -114,9 +155,15 @@ class PrefixAware(Router):
         return self._rule.route(request, views)
 
     def on_routed(self, request: RoutingRequest, replica_id: int, now: float) -> None:
-        index = self._rule.matcher.index  # approximate mode: remember what was sent where
-        if index is not None:
-            index.insert(replica_id, request.block_hashes)
+        lrus = self._lrus  # approximate mode: remember what was sent where
+        if lrus is not None:
+            # ApproxPrefixIndex.insert, inlined when the replica's LRU exists.
+            hashes = request.block_hashes
+            lru = lrus.get(replica_id)
+            if lru is None:
+                self._rule.matcher.index.insert(replica_id, hashes)
+            elif len(hashes):
+                lru.insert(hashes)
 
     def on_replica_removed(self, replica_id: int) -> None:
         self._rule.matcher.on_replica_removed(replica_id)

@@ -33,7 +33,7 @@ import heapq
 import math
 from collections import deque
 from dataclasses import dataclass
-from operator import add, attrgetter, sub
+from operator import add, attrgetter, ge, sub
 from typing import Callable, Sequence
 
 import numpy as np
@@ -750,13 +750,13 @@ class Engine:
                 k = min(max_steps, r.max_output_tokens - r.num_output_tokens - 1, cfg.max_model_len - 1 - c)
                 first = [len(r.blocks) * bs - c + 1]
             else:
-                c0 = [r.num_tokens for r in running]
+                c0 = list(map(_NUM_TOKENS, running))
                 if list(map(add, map(_COMPUTED, running), head.num_tokens)) != c0:
                     return None  # a chunk of a prefill: not decoding after the head step
-                nc = [r.num_cached_blocks for r in running]
-                k = min(max_steps, min(r.max_output_tokens - r.num_output_tokens for r in running) - 1,
+                nc = list(map(_CACHED, running))
+                k = min(max_steps, min(map(sub, map(_MAX_OUTPUT, running), map(_OUTPUT, running))) - 1,
                         cfg.max_model_len - 1 - max(c0))
-                first = [L * bs - c + 1 for L, c in zip(map(len, map(_BLOCKS, running)), c0)]
+                first = _first_new_block_steps(running, c0, bs)
         # The batch's columns, read with C-level iteration (this runs at every arrival to a busy
         # replica, over the whole batch).
         elif B == 1:  # the common case on a lightly loaded replica: no column machinery
@@ -769,13 +769,16 @@ class Engine:
             k = min(max_steps, r.max_output_tokens - r.num_output_tokens, cfg.max_model_len - 1 - c)
             first = [len(r.blocks) * bs - c + 1]  # step at which it needs its next new block
         else:
-            c0, nt, no, mo, nc = (list(c) for c in zip(*map(_RUN_FIELDS, running)))
-            diffs = list(map(sub, nt, c0))
-            if min(diffs) != 1 or max(diffs) != 1 or min(no) <= 0:
+            c0 = list(map(_COMPUTED, running))
+            diffs = list(map(sub, map(_NUM_TOKENS, running), c0))
+            if min(diffs) != 1 or max(diffs) != 1:
                 return None  # a prefill (or recompute) in the batch: not a steady decode step
-            k = min(max_steps, min(map(sub, mo, no)), cfg.max_model_len - 1 - max(c0))
-            # step at which each request needs its next new block
-            first = [L * bs - c + 1 for L, c in zip(map(len, map(_BLOCKS, running)), c0)]
+            no = list(map(_OUTPUT, running))
+            if min(no) <= 0:
+                return None
+            k = min(max_steps, min(map(sub, map(_MAX_OUTPUT, running), no)), cfg.max_model_len - 1 - max(c0))
+            nc = list(map(_CACHED, running))
+            first = _first_new_block_steps(running, c0, bs)
         if k < min_steps:
             return None
         # Blocks: the largest k whose cumulative allocations fit in the free blocks.
@@ -968,7 +971,7 @@ class Engine:
             reqs = run.reqs
             n = len(events)
             # A decoding request's new blocks are past its prompt, so exclusive (see BlockPool).
-            excl = n if all(len(r.blocks) >= r.num_shared_blocks for r in reqs) else 0
+            excl = n if all(map(ge, map(len, map(_BLOCKS, reqs)), map(_SHARED, reqs))) else 0
             new = kv.pool.get_new_blocks(n, 0, (), excl)
             for e, b in zip(events, new):
                 reqs[e % B].blocks.append(b)
@@ -1004,10 +1007,20 @@ class Engine:
         self.busy_s += t_last - run.end_of(q)
 
 
-_RUN_FIELDS = attrgetter("num_computed_tokens", "num_tokens", "num_output_tokens", "max_output_tokens",
-                         "num_cached_blocks")
+# Column readers for a batch (C-level iteration with map).
 _BLOCKS = attrgetter("blocks")
 _COMPUTED = attrgetter("num_computed_tokens")
+_NUM_TOKENS = attrgetter("num_tokens")
+_OUTPUT = attrgetter("num_output_tokens")
+_MAX_OUTPUT = attrgetter("max_output_tokens")
+_CACHED = attrgetter("num_cached_blocks")
+_SHARED = attrgetter("num_shared_blocks")
+
+
+def _first_new_block_steps(reqs: list[EngineRequest], c0: list[int], bs: int) -> list[int]:
+    """Step of a decode run at which each request needs its next new block:
+    ``len(blocks) * bs - c + 1`` (its table holds ``len(blocks) * bs`` slots, ``c`` are computed)."""
+    return list(map(sub, map(bs.__mul__, map(len, map(_BLOCKS, reqs))), map((1).__rsub__, c0)))
 
 
 def _emit_run_lengths(on_itl: Callable[[float, int], None], gaps: Sequence[float]) -> None:

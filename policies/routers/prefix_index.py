@@ -185,36 +185,12 @@ class ChainLRU:
             firsts[h] = firsts.get(h, 0) + 1
         else:  # the first block is held, by a run that starts the chain too: firsts unchanged
             self._cut(run, block_hashes, n)
-        order = self._order
         run = [block_hashes, 0, n]
-        order.append(run)
+        self._order.append(run)
         starts[h] = run
-        size = self._size + n
-        excess = size - self.capacity
-        # _evict, inlined (an LRU at capacity evicts on nearly every insert); same steps.
-        while excess > 0:
-            run = order[0]
-            a = run[1]
-            k = run[2] - a
-            if k > excess:
-                run[2] -= excess
-                size -= excess
-                break
-            order.popleft()
-            if k:
-                h = run[0][a]
-                del starts[h]
-                if not a:
-                    c = firsts[h] - 1
-                    if c:
-                        firsts[h] = c
-                    else:
-                        del firsts[h]
-                size -= k
-                excess -= k
-            else:
-                self._dead -= 1
-        self._size = size
+        self._size += n
+        if self._size > self.capacity:
+            self._evict()
 
     def _cut(self, run: list, block_hashes: Sequence[int], n: int) -> None:
         """Take the held leading run of ``block_hashes`` out of the runs holding it, ``run`` (already

@@ -202,7 +202,8 @@ class BlockPool:
     - ``num_unhashed_free``: free blocks without a hash. They always form a *prefix* of the free
       queue (unhashed blocks are queued at the front, hashed ones at the back, and a block's hash
       changes only when it is popped), so popping ``n`` blocks evicts ``n - min(n, prefix)`` hashes;
-    - ``mapped_free``: free blocks that are in the hash map (their hash is evicted when popped);
+    - ``num_mapped_free``: free blocks that are in the hash map (a popped one has its hash evicted;
+      only when there are some does a pop look at the popped blocks' hashes);
     - ``num_unique``: blocks registered as unique (held, or free but still cached), for
       :meth:`num_cached_hashes`.
 
@@ -231,7 +232,7 @@ class BlockPool:
         self.ref_cnt[self.null_block] = 1
         self.evictions = 0
         self.num_unhashed_free = self.free_queue.size  # the unhashed prefix of the free queue
-        self.mapped_free: set[int] = set()
+        self.num_mapped_free = 0
         self.num_unique = 0
 
     # -- queries ---------------------------------------------------------------------------
@@ -274,48 +275,65 @@ class BlockPool:
                 self._register_unique(out[k:k + num_unique], n - k - num_exclusive)
             return out
         out = self.free_queue.pop_many(n)
-        # Evictions: the popped blocks past the unhashed prefix carried a hash.
+        # Evictions: the popped blocks past the unhashed prefix carried a hash. Those in the map
+        # (only looked for when some free block is) lose it there: they are the popped blocks whose
+        # mark is a hash (an exclusive block's mark may be stale, but only ever None or UNIQUE).
         u = self.num_unhashed_free
         if u >= n:
             self.num_unhashed_free = u - n
+            evicted = nmf = 0
         else:
             self.num_unhashed_free = 0
             evicted = n - u
             self.evictions += evicted
-            mapped = self.mapped_free
-            if mapped and not mapped.isdisjoint(out):
-                bh = self.block_hash
-                for b in out:
-                    if b in mapped:
-                        mapped.discard(b)
-                        h = bh[b]
-                        bh[b] = None
+            nmf = self.num_mapped_free
+        self.num_unique += num_unique
+        rc, bh = self.ref_cnt, self.block_hash
+        tracked = n - num_exclusive if self.lazy_exclusive else n
+        e1 = min(k, tracked) if tracked > 0 else 0
+        if e1:
+            # Blocks registered in the map (keys not in it: see above), evicting as they go.
+            shared = out[:e1] if e1 < n else out
+            if nmf:
+                for b, hn in zip(shared, shared_hashes):
+                    h = bh[b]
+                    if h is not None and h is not UNIQUE:
+                        nmf -= 1
                         evicted -= 1
                         if cached.get(h) == b:  # the common case: the hash maps to this block only
                             del cached[h]
                         else:
                             self._unmap(b, h)
-            self.num_unique -= evicted  # the rest carried a unique mark
-        self.num_unique += num_unique
-        # Per-block state of the tracked blocks: up to three runs (hashed in the map, unique,
-        # unhashed), one loop per run, no per-block test of which run a block is in.
-        tracked = n - num_exclusive if self.lazy_exclusive else n
-        if tracked <= 0:
-            return out
-        rc, bh = self.ref_cnt, self.block_hash
-        e1 = min(k, tracked)
-        e2 = min(k + num_unique, tracked)
-        if e1:
-            shared = out[:e1] if e1 < n else out
-            for b, hn in zip(shared, shared_hashes):
-                rc[b] = 1
-                bh[b] = hn
-            cached.update(zip(shared_hashes, shared))
-        for lo, hi, mark in ((e1, e2, UNIQUE), (e2, tracked, None)):
-            if lo < hi:
-                for b in (out if hi - lo == n else out[lo:hi]):
                     rc[b] = 1
-                    bh[b] = mark
+                    bh[b] = hn
+            else:
+                for b, hn in zip(shared, shared_hashes):
+                    rc[b] = 1
+                    bh[b] = hn
+            cached.update(zip(shared_hashes, shared))
+        if nmf:
+            for b in out[max(e1, u):]:
+                h = bh[b]
+                if h is not None and h is not UNIQUE:
+                    bh[b] = None
+                    nmf -= 1
+                    evicted -= 1
+                    if cached.get(h) == b:
+                        del cached[h]
+                    else:
+                        self._unmap(b, h)
+        if evicted or u < n:
+            self.num_mapped_free = nmf
+            self.num_unique -= evicted  # the rest carried a unique mark
+        # Per-block state of the other tracked blocks: up to two runs (unique, unhashed), one loop
+        # per run, no per-block test of which run a block is in.
+        if tracked > e1:
+            e2 = min(k + num_unique, tracked)
+            for lo, hi, mark in ((e1, e2, UNIQUE), (e2, tracked, None)):
+                if lo < hi:
+                    for b in (out if hi - lo == n else out[lo:hi]):
+                        rc[b] = 1
+                        bh[b] = mark
         return out
 
     def _unmap(self, b: int, h: int) -> None:
@@ -337,7 +355,7 @@ class BlockPool:
         for b in blocks:
             if rc[b] == 0:
                 fq.remove(b)
-                self.mapped_free.discard(b)
+                self.num_mapped_free -= 1
             rc[b] += 1
 
     def cache_block(self, b: int, h: int) -> None:
@@ -409,7 +427,7 @@ class BlockPool:
         preempted), so a lazy pool does no per-block work for them at all.
         """
         rc, bh = self.ref_cnt, self.block_hash
-        mapped = self.mapped_free
+        mapped = 0  # blocks freed that are in the hash map
         back: list[int] = []
         front: list[int] = []
         if exclusive_from is not None:
@@ -420,7 +438,7 @@ class BlockPool:
                     rc[b] = 0
                     h = bh[b]
                     if h is not None and h is not UNIQUE:
-                        mapped.add(b)
+                        mapped += 1
             cut = max(len(ordered_blocks) - max(num_hashed, exclusive_from), 0)  # unhashed come first
             front = excl[:cut]
             back = excl[cut:]
@@ -435,7 +453,8 @@ class BlockPool:
                 else:
                     back.append(b)
                     if h is not UNIQUE:
-                        mapped.add(b)
+                        mapped += 1
+        self.num_mapped_free += mapped
         if front:
             self.free_queue.extendleft(front)
             self.num_unhashed_free += len(front)
@@ -462,7 +481,7 @@ class BlockPool:
     def reset_prefix_cache(self) -> None:
         self.block_hash = [None] * self.num_gpu_blocks
         self.cached.clear()
-        self.mapped_free.clear()
+        self.num_mapped_free = 0
         self.num_unique = 0
         self.free_queue._compact()  # unhashed blocks may now rejoin at the front
         self.num_unhashed_free = self.free_queue.size
@@ -484,7 +503,7 @@ class BlockPool:
                 assert bh[b] == h, f"hash map points to block {b} without that hash"
                 mapped_blocks.add(b)
                 assert (b in free_set) == (rc[b] == 0), f"mapped block {b}: ref_cnt {rc[b]}, free={b in free_set}"
-        assert self.mapped_free == mapped_blocks & free_set, "mapped_free is not the free mapped blocks"
+        assert self.num_mapped_free == len(mapped_blocks & free_set), "num_mapped_free is not the free mapped blocks"
         for b in range(self.num_gpu_blocks):
             h = bh[b]
             assert h is None or h is UNIQUE or b in mapped_blocks, f"block {b} has hash {h} but is not mapped"

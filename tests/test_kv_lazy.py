@@ -32,7 +32,7 @@ def _request(idx: int, prompt: int, out: int, family: int, shared: int, priority
 def _pool_state(engine: Engine):
     pool = engine.kv.pool
     return (pool.free_queue.to_list(), [(h, v if isinstance(v, int) else list(v)) for h, v in pool.cached.items()],
-            pool.evictions, pool.num_cached_hashes(), pool.num_unhashed_free, sorted(pool.mapped_free),
+            pool.evictions, pool.num_cached_hashes(), pool.num_unhashed_free, pool.num_mapped_free,
             engine.kv.prefix_hits, engine.kv.prefix_queries)
 
 
@@ -106,7 +106,7 @@ def test_lazy_pool_skips_exclusive_blocks_and_counts_them():
     pool.free_blocks(out[::-1], exclusive_from=1, num_hashed=5, untracked=True)
     # The unhashed tail went to the front, the four unique ones and the shared one to the back.
     assert pool.num_unhashed_free == 3 + 1 and pool.free_queue.to_list()[:4] == [out[5], 7, 8, 9]
-    assert pool.mapped_free == {out[0]}
+    assert pool.num_mapped_free == 1  # out[0]
     pool.check_invariants()
     again = pool.get_new_blocks(9)  # everything: evicts 4 unique marks and the mapped block
     assert pool.evictions == 5 and pool.num_cached_hashes() == 0 and not pool.cached

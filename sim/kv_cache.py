@@ -21,7 +21,8 @@ prompt is 64 blocks), so every pool operation works on a whole list of blocks an
 ``for`` loop over a list at ~15 ns per element, faster than ``map`` tricks or numpy fancy indexing
 at these sizes), with a per-block fallback that is the reference semantics. The free queue is a
 Python list with a moving head and lazy deletion instead of a linked list, so popping or appending
-n blocks is a slice or an ``extend``.
+n blocks is a slice or an ``extend``. Blocks exclusive to one request (past its shared prefix) get
+no per-block state at all: counters keep what vLLM observes exact (see :class:`BlockPool`).
 """
 
 from __future__ import annotations

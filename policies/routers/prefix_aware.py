@@ -44,8 +44,19 @@ def load_guard(views: Sequence[ReplicaView], max_imbalance: int | None) -> list[
     """Replicas within ``max_imbalance`` in-flight requests of the least-loaded one."""
     if max_imbalance is None:
         return list(views)
-    lo = min(v.inflight_requests for v in views)
-    return [v for v in views if v.inflight_requests <= lo + max_imbalance]
+    return list(_guard(views, max_imbalance)[0])
+
+
+def _guard(views: Sequence[ReplicaView], max_imbalance: int | None) -> tuple[Sequence[ReplicaView], list[int], int]:
+    """:func:`load_guard`'s candidates (``views`` itself when every one passes), their in-flight
+    counts, and the least of them: one read of each view's load."""
+    inflight = [v.inflight_requests for v in views]
+    lo = min(inflight)
+    if max_imbalance is not None and max(inflight) > lo + max_imbalance:
+        hi = lo + max_imbalance
+        keep = [i for i, x in enumerate(inflight) if x <= hi]
+        return [views[i] for i in keep], [inflight[i] for i in keep], lo
+    return views, inflight, lo
 
 
 class PrefixRule:
@@ -63,37 +74,12 @@ class PrefixRule:
         # On the path of every request, so: one read of each view's load, candidates as positions,
         # and no match list at all when no replica holds the prompt's first block. The choices and
         # the rng draws are exactly those of ``load_guard`` followed by ``argmin_random``.
-        inflight = [v.inflight_requests for v in views]
-        lo = min(inflight)
-        cands = views
         cfg = self.cfg
-        max_imbalance = cfg.max_imbalance
-        if max_imbalance is not None and max(inflight) > lo + max_imbalance:
-            hi = lo + max_imbalance
-            keep = [i for i, x in enumerate(inflight) if x <= hi]
-            cands = [views[i] for i in keep]
-            inflight = [inflight[i] for i in keep]
+        cands, inflight, lo = _guard(views, cfg.max_imbalance)
         hashes = request.block_hashes
         total = len(hashes)
         if total:
-            matcher = self.matcher
-            index = matcher.index
-            if index is None:
-                matched = matcher.held_matches(hashes, cands)
-            else:
-                # PrefixMatcher.held_matches, inlined (approximate mode): observe, then no match
-                # list when no replica holds the first block. observe's own early return is
-                # checked here first (a tuple of views already observed: nothing to learn).
-                if index.capacity_blocks is None and (cands is not index._observed or type(cands) is not tuple):
-                    index.observe(cands)
-                if hashes[0] not in index._firsts:
-                    matched = None
-                else:
-                    lrus = index._lru
-                    matched = []
-                    for v in cands:
-                        lru = lrus.get(v.replica_id)
-                        matched.append(0 if lru is None else lru.leading_match(hashes))
+            matched = self.matcher.held_matches(hashes, cands)
             if matched is not None:
                 best = max(matched)
                 if best > 0 and best / total >= cfg.min_match_ratio:
@@ -109,25 +95,21 @@ class PrefixRule:
         n = inflight.count(lo)
         pos = inflight.index(lo)
         if n > 1:
-            rng = self.rng
-            if rng is not self._draw_rng:
-                self._draw = drawer(rng)
-                self._draw_rng = rng
-            for _ in range(self._draw(n)):
+            for _ in range(self._draw_below(n)):
                 pos = inflight.index(lo, pos + 1)
         return cands[pos].replica_id
 
     def _pick(self, positions: list[int]) -> int:
-        """One of ``positions``, uniformly at random if several (as :func:`argmin_random`).
+        """One of ``positions``, uniformly at random if several (as :func:`argmin_random`)."""
+        return positions[0] if len(positions) == 1 else positions[self._draw_below(len(positions))]
 
-        The draw is ``randbelow(self.rng, n)``, through :func:`drawer` (looked up once per rng)."""
-        if len(positions) == 1:
-            return positions[0]
+    def _draw_below(self, n: int) -> int:
+        """``randbelow(self.rng, n)``, through :func:`drawer` (looked up once per rng)."""
         rng = self.rng
         if rng is not self._draw_rng:
             self._draw = drawer(rng)
             self._draw_rng = rng
-        return positions[self._draw(len(positions))]
+        return self._draw(n)
 
 
 @register_router("prefix-aware")
@@ -143,8 +125,6 @@ class PrefixAware(Router):
         super().__init__(rng)
         self.mode = cfg.mode
         self._rule = PrefixRule(cfg, None)
-        index = self._rule.matcher.index  # approximate mode: per-replica LRUs (fixed for life)
-        self._lrus = index._lru if index is not None else None
 
     @property
     def last_decision(self) -> str:
@@ -155,15 +135,9 @@ class PrefixAware(Router):
         return self._rule.route(request, views)
 
     def on_routed(self, request: RoutingRequest, replica_id: int, now: float) -> None:
-        lrus = self._lrus  # approximate mode: remember what was sent where
-        if lrus is not None:
-            # ApproxPrefixIndex.insert, inlined when the replica's LRU exists.
-            hashes = request.block_hashes
-            lru = lrus.get(replica_id)
-            if lru is None:
-                self._rule.matcher.index.insert(replica_id, hashes)
-            elif len(hashes):
-                lru.insert(hashes)
+        index = self._rule.matcher.index  # approximate mode: remember what was sent where
+        if index is not None:
+            index.insert(replica_id, request.block_hashes)
 
     def on_replica_removed(self, replica_id: int) -> None:
         self._rule.matcher.on_replica_removed(replica_id)

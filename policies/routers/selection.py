@@ -32,8 +32,8 @@ def argmax_random_float(items: Sequence[T], scores: Sequence[float], rng: np.ran
     return tied[0] if len(tied) == 1 else tied[randbelow(rng, len(tied))]
 
 
-class _Lemire32:
-    """``int(rng.integers(n))`` for ``2 <= n < 2**32``, drawn as numpy draws it, ~3x cheaper.
+def _lemire(rng: np.random.Generator) -> Callable[[int], int]:
+    """``f(n) == int(rng.integers(n))``, drawn as numpy draws it, ~3x cheaper for ``2 <= n < 2**32``.
 
     Why: a router breaks a tie on nearly every request, and ``Generator.integers`` costs ~2 us of
     argument handling for one number. numpy draws a bounded integer below 2**32 with Lemire's
@@ -42,75 +42,9 @@ class _Lemire32:
     ``next_uint32`` through the bit generator's ctypes interface gives the same values *and* the same
     generator state (including its buffered half word), so draws through numpy and through this
     interleave exactly. :func:`_lemire_matches_numpy` checks that on first use; if it does not hold
-    (another numpy), :func:`randbelow` falls back to ``rng.integers``.
+    (another numpy), :func:`randbelow` and :func:`drawer` use ``rng.integers``. Other ``n`` go to
+    ``rng.integers`` too.
     """
-
-    __slots__ = ("rng", "_next32", "_state")
-
-    def __init__(self, rng: np.random.Generator):
-        ct = rng.bit_generator.ctypes
-        self.rng = rng  # keeps the bit generator (and the state pointer) alive
-        self._next32 = ct.next_uint32
-        self._state = ct.state
-
-    def __call__(self, n: int) -> int:
-        next32, state = self._next32, self._state
-        m = next32(state) * n
-        if (m & _U32) < n:
-            threshold = (_U32 + 1 - n) % n
-            while (m & _U32) < threshold:
-                m = next32(state) * n
-        return m >> 32
-
-
-def _lemire_matches_numpy() -> bool:
-    """Whether :class:`_Lemire32` reproduces ``Generator.integers`` (values and state) here."""
-    try:
-        ref, mine = np.random.default_rng(20261122), np.random.default_rng(20261122)
-        draw = _Lemire32(mine)
-        for i in range(400):
-            n = (2, 3, 5, 16, 1000, 2**31 + 7, 3_000_000_019, _U32)[i % 8]
-            if int(ref.integers(n)) != draw(n):
-                return False
-            if i % 7 == 0 and ref.random() != mine.random():  # interleaved numpy draws stay in step
-                return False
-        return ref.bit_generator.state == mine.bit_generator.state
-    except Exception:  # no ctypes interface: use numpy
-        return False
-
-
-_fast: bool | None = None  # _lemire_matches_numpy(), computed on first use
-_last: tuple = (None, None)  # (rng, its _Lemire32): a run draws from one router rng
-
-
-def randbelow(rng: np.random.Generator, n: int) -> int:
-    """``int(rng.integers(n))`` (same value, same generator state), cheaper; ``n >= 1``."""
-    global _fast, _last
-    if n < 2 or n > _U32:
-        return int(rng.integers(n))
-    cached_rng, draw = _last
-    if cached_rng is not rng:
-        if _fast is None:
-            _fast = _lemire_matches_numpy()
-        if not _fast or type(rng) is not np.random.Generator:
-            return int(rng.integers(n))
-        draw = _Lemire32(rng)
-        _last = (rng, draw)
-    return draw(n)
-
-
-def drawer(rng: np.random.Generator) -> Callable[[int], int]:
-    """A function ``f`` with ``f(n) == randbelow(rng, n)`` (same value, same generator state).
-
-    Why: a router that draws on most requests can look it up once per rng; a closure is called
-    ~0.1 us faster than :class:`_Lemire32` (a Python ``__call__``) and skips :func:`randbelow`'s
-    checks. Same draws as :class:`_Lemire32`'s (the same Lemire loop on the same ``next_uint32``).
-    """
-    global _fast
-    if _fast is None:
-        _fast = _lemire_matches_numpy()
-    if not _fast or type(rng) is not np.random.Generator:
-        return lambda n: int(rng.integers(n))
     ct = rng.bit_generator.ctypes
     next32, state = ct.next_uint32, ct.state
     keep = rng  # the closure keeps the bit generator (and the state pointer) alive
@@ -126,3 +60,57 @@ def drawer(rng: np.random.Generator) -> Callable[[int], int]:
         return m >> 32
 
     return draw
+
+
+def _lemire_matches_numpy() -> bool:
+    """Whether :func:`_lemire` reproduces ``Generator.integers`` (values and state) here."""
+    try:
+        ref, mine = np.random.default_rng(20261122), np.random.default_rng(20261122)
+        draw = _lemire(mine)
+        for i in range(400):
+            n = (2, 3, 5, 16, 1000, 2**31 + 7, 3_000_000_019, _U32)[i % 8]
+            if int(ref.integers(n)) != draw(n):
+                return False
+            if i % 7 == 0 and ref.random() != mine.random():  # interleaved numpy draws stay in step
+                return False
+        return ref.bit_generator.state == mine.bit_generator.state
+    except Exception:  # no ctypes interface: use numpy
+        return False
+
+
+_fast: bool | None = None  # _lemire_matches_numpy(), computed on first use
+_last: tuple = (None, None)  # (rng, its _lemire draw): a run draws from one router rng
+
+
+def _lemire_ok(rng) -> bool:
+    """Whether draws for ``rng`` may go through :func:`_lemire` (a plain numpy Generator, and the
+    check passed on this numpy)."""
+    global _fast
+    if _fast is None:
+        _fast = _lemire_matches_numpy()
+    return _fast and type(rng) is np.random.Generator
+
+
+def randbelow(rng: np.random.Generator, n: int) -> int:
+    """``int(rng.integers(n))`` (same value, same generator state), cheaper; ``n >= 1``."""
+    global _last
+    if n < 2 or n > _U32:
+        return int(rng.integers(n))
+    cached_rng, draw = _last
+    if cached_rng is not rng:
+        if not _lemire_ok(rng):
+            return int(rng.integers(n))
+        draw = _lemire(rng)
+        _last = (rng, draw)
+    return draw(n)
+
+
+def drawer(rng: np.random.Generator) -> Callable[[int], int]:
+    """A function ``f`` with ``f(n) == randbelow(rng, n)`` (same value, same generator state).
+
+    Why: a router that draws on most requests can look it up once per rng and skip
+    :func:`randbelow`'s cache lookup.
+    """
+    if not _lemire_ok(rng):
+        return lambda n: int(rng.integers(n))
+    return _lemire(rng)

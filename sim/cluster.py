@@ -334,10 +334,14 @@ class Cluster:
     def _routing_request(self, req: EngineRequest) -> RoutingRequest:
         # Positional (field order of RoutingRequest): keywords cost more, once per request.
         i = req.idx
+        # A copy of the prompt's hashes: the engine extends its list in place with the hashes of
+        # generated blocks.
+        hashes = req.block_hashes[: req.prompt_tokens // self._block_size]
+        if self._no_labels:
+            return RoutingRequest(i, req.arrival_s, req.prompt_tokens, req.max_output_tokens, hashes, None, None,
+                                  req.priority)
         return RoutingRequest(
-            i, req.arrival_s, req.prompt_tokens, req.max_output_tokens,
-            # A copy: the engine extends its list in place with the hashes of generated blocks.
-            req.block_hashes[: req.prompt_tokens // self._block_size],
+            i, req.arrival_s, req.prompt_tokens, req.max_output_tokens, hashes,
             None if self.session is None else _opt_str(self.session[i]),
             None if self.tenant is None else _opt_str(self.tenant[i]),
             req.priority,
@@ -362,14 +366,7 @@ class Cluster:
         n = self.n
         i = self._next_arrival
         now = env._now  # (nothing below advances the clock)
-        # _arrive and _engine_request, inlined for the common case (no admission policy).
-        inline = self.cfg.admission is None
-        prompt = self._prompt_mv
-        output = self._output_mv
-        priority = self._priority_mv
-        max_len = self._max_model_len
-        prompt_hashes = self._prompt_hashes
-        dispatch = self._dispatch
+        arrive = self._arrive
         wakes = self._wakes = [] if self._fold_wakes else None
         try:
             while i < n:
@@ -384,21 +381,9 @@ class Cluster:
                     self._next_arrival = i
                     CallbackEvent(env, self._arrivals_cb, delay=t - now)  # at now + (t - now), as env.timeout
                     break
-                k = i
                 i += 1
-                if not inline:
-                    self._next_arrival = i
-                    self._arrive(k)
-                    continue
-                self.arrived += 1
-                p = prompt[k]
-                o = output[k]
-                if p + o > max_len:
-                    # vLLM's API server refuses these with HTTP 400 before they reach the engine.
-                    self._end_index(k, REJECTED, "exceeds_max_model_len")
-                    continue
-                hashes, shared = prompt_hashes(k)
-                dispatch(EngineRequest(k, t, p, o, hashes, 0 if priority is None else priority[k], shared))
+                self._next_arrival = i
+                arrive(i - 1)
             else:
                 self._next_arrival = n
         finally:
@@ -473,22 +458,8 @@ class Cluster:
             else:
                 self._end_unserved(req, REJECTED, "no_replicas")
             return
-        # _routing_request, inlined (once per request).
+        rreq = self._routing_request(req)
         i = req.idx
-        prompt_tokens = req.prompt_tokens
-        # (A copy of the prompt's hashes: the engine extends its list in place with the hashes of
-        # generated blocks.)
-        hashes = req.block_hashes[: prompt_tokens // self._block_size]
-        if self._no_labels:
-            rreq = RoutingRequest(i, req.arrival_s, prompt_tokens, req.max_output_tokens, hashes, None, None,
-                                  req.priority)
-        else:
-            rreq = RoutingRequest(
-                i, req.arrival_s, prompt_tokens, req.max_output_tokens, hashes,
-                None if self.session is None else _opt_str(self.session[i]),
-                None if self.tenant is None else _opt_str(self.tenant[i]),
-                req.priority,
-            )
         now = self.env._now
         rid = self._route(rreq, serving if self._staleness_s <= 0 else self._router_views(serving), now)
         replicas = self.replicas
@@ -496,7 +467,7 @@ class Cluster:
         if target is None or target.state != _SERVING:
             raise RuntimeError(f"router {self.cfg.router.name!r} chose replica {rid}, which is not serving")
         target.inflight_requests += 1
-        target.inflight_tokens += prompt_tokens + req.max_output_tokens
+        target.inflight_tokens += req.prompt_tokens + req.max_output_tokens
         if self._needs_routing:
             self._routing[i] = rreq
         self.o_replica[i] = rid
@@ -542,11 +513,7 @@ class Cluster:
 
     # -- endings --------------------------------------------------------------------------------
     def on_request_finished(self, r: Replica, req: EngineRequest) -> None:
-        # _release(req, r) and, at the end, _end_index(i, COMPLETED, None), inlined: once per request.
-        r.inflight_requests -= 1
-        r.inflight_tokens -= req.prompt_tokens + req.max_output_tokens
-        if self._needs_routing:
-            self._finished_hooks(req, r)
+        self._release(req, r)
         i = req.idx
         arrival_s = req.arrival_s
         first_token_s = req.first_token_s
@@ -563,17 +530,7 @@ class Cluster:
         self.o_finish[i] = finish_s
         if req.num_preemptions:
             self.o_preempt[i] += req.num_preemptions
-        status = self.o_status
-        if status[i] != 0:
-            raise RuntimeError(f"request {i} ended twice ({_STATUS_NAMES[status[i]]} then {COMPLETED})")
-        status[i] = 1  # _STATUS_CODES[COMPLETED]
-        ended = self.ended = self.ended + 1
-        if self.children is not None and i in self.children:
-            self._on_session_turn_ended(i, True)
-        if ended % self._progress_every == 0:
-            self._report_progress()
-        if ended == self.n and not self._done.triggered:
-            self._done.succeed()
+        self._end_index(i, COMPLETED, None)
 
     def _end_unserved(self, req: EngineRequest, status: str, reason: str) -> None:
         self._end_index(req.idx, status, reason)

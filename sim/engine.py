@@ -38,11 +38,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from sim.kv_cache import KVCacheManager, unique_hash_base
+from sim.kv_cache import KVCacheManager, exclusive_count, unique_hash_base
 from sim.step_time import BatchShape
 
 WAITING, RUNNING, FINISHED = 0, 1, 2
-_NO_ENDS = np.empty(0)  # a closed-form run computes no step ends
+_NO_ENDS = np.empty(0)  # no step ends computed (yet: a closed-form run never computes any)
 _NO_ENDS.flags.writeable = False
 
 
@@ -192,7 +192,7 @@ class DecodeRun:
         self.dc0 = sum(c0) + self.B  # decode_context of step 1
         self.times = times  # (num_seqs, context_sum_start, n) -> step durations
         self.dmin = self.dmax = 0.0  # bounds of the computed step durations
-        self.ends = np.empty(0)  # end times of the steps computed so far
+        self.ends = _NO_ENDS  # end times of the steps computed so far (extend() makes the array)
         self.memo = (-1.0, 0)  # (time, steps ended by then) of the last completed_steps() query
         self.done = 0  # steps applied to the requests
         self.pool_done = 0  # steps whose block operations are applied to the pool
@@ -289,29 +289,10 @@ class AffineDecodeRun(DecodeRun):
     __slots__ = ("d1", "a")
 
     def __init__(self, reqs, c0, first, nc, k, allocs, t0, T: float, g: float):
-        # DecodeRun.__init__'s fields, minus the arrays of computed step ends (one is planned per
-        # request or so: this is on the per-request path).
-        self.reqs = reqs
-        self.monotone = True
-        self.t0 = t0
-        B = self.B = len(reqs)
-        self.c0 = c0
-        self.first = first
-        self.nc = nc
-        self.allocs = allocs
-        self.k = k
-        self.dc0 = sum(c0) + B
-        self.times = None
-        self.ends = _NO_ENDS
-        self.memo = (-1.0, 0)
-        self.done = 0
-        self.pool_done = 0
-        self.head = None
-        self.head_dt = 0.0
+        super().__init__(reqs, c0, first, nc, k, allocs, None, t0, True)
         self.d1 = T + g * self.dc0  # duration of step 1
-        self.a = g * B  # growth of the duration per step
+        self.a = g * self.B  # growth of the duration per step
         self.dmin = self.d1
-        self.dmax = 0.0  # (unused: the closed form needs no bounds of computed durations)
 
     @property
     def computed(self) -> int:
@@ -445,16 +426,9 @@ class Engine:
         gen = self._tokens_generated
         run = self._run
         if run is not None:
-            if now is None:
-                now = self._clock()
-            if run.head is None:  # (_progress, inlined for the common case: this is per sample)
-                s = run.completed_steps(now)
-                free -= run.pending_blocks(s)
-                gen += (s - run.done) * run.B
-            else:
-                _, tokens, blocks = self._progress(run, now)
-                free -= blocks
-                gen += tokens
+            _, tokens, blocks = self._progress(run, self._clock() if now is None else now)
+            free -= blocks
+            gen += tokens
         return len(self.running), len(self._waitq), free, self.num_preemptions, gen
 
     def _pending_blocks(self) -> int:
@@ -738,45 +712,44 @@ class Engine:
         if head is not None:
             if head.preempted or head.requests != running or self._affine_fn is None:
                 return None
-            # The state after the head step: every request caught up (computed = its tokens now),
-            # one more token sampled.
+            # After the head step every request has caught up (computed = its tokens now) and
+            # sampled one more token; it must not be a chunk of a prefill.
             if B == 1:
                 r = running[0]
-                c = r.num_tokens
-                if r.num_computed_tokens + head.num_tokens[0] != c:
-                    return None  # a chunk of a prefill: not decoding after the head step
-                c0 = [c]
-                nc = [r.num_cached_blocks]
-                k = min(max_steps, r.max_output_tokens - r.num_output_tokens - 1, cfg.max_model_len - 1 - c)
-                first = [len(r.blocks) * bs - c + 1]
+                if r.num_computed_tokens + head.num_tokens[0] != r.num_tokens:
+                    return None
+                c0 = [r.num_tokens]
             else:
                 c0 = list(map(_NUM_TOKENS, running))
                 if list(map(add, map(_COMPUTED, running), head.num_tokens)) != c0:
-                    return None  # a chunk of a prefill: not decoding after the head step
-                nc = list(map(_CACHED, running))
-                k = min(max_steps, min(map(sub, map(_MAX_OUTPUT, running), map(_OUTPUT, running))) - 1,
-                        cfg.max_model_len - 1 - max(c0))
-                first = _first_new_block_steps(running, c0, bs)
-        # The batch's columns, read with C-level iteration (this runs at every arrival to a busy
-        # replica, over the whole batch).
-        elif B == 1:  # the common case on a lightly loaded replica: no column machinery
-            r = running[0]
-            c = r.num_computed_tokens
-            if r.num_tokens - c != 1 or r.num_output_tokens <= 0:
-                return None  # a prefill (or recompute): not a steady decode step
-            c0 = [c]
-            nc = [r.num_cached_blocks]
-            k = min(max_steps, r.max_output_tokens - r.num_output_tokens, cfg.max_model_len - 1 - c)
-            first = [len(r.blocks) * bs - c + 1]  # step at which it needs its next new block
+                    return None
+            sampled = 1
         else:
-            c0 = list(map(_COMPUTED, running))
-            diffs = list(map(sub, map(_NUM_TOKENS, running), c0))
-            if min(diffs) != 1 or max(diffs) != 1:
-                return None  # a prefill (or recompute) in the batch: not a steady decode step
-            no = list(map(_OUTPUT, running))
-            if min(no) <= 0:
-                return None
-            k = min(max_steps, min(map(sub, map(_MAX_OUTPUT, running), no)), cfg.max_model_len - 1 - max(c0))
+            # Every request must be decoding: one token to compute, its first token out.
+            if B == 1:  # the common case on a lightly loaded replica: no column machinery
+                r = running[0]
+                if r.num_tokens - r.num_computed_tokens != 1 or r.num_output_tokens <= 0:
+                    return None  # a prefill (or recompute): not a steady decode step
+                c0 = [r.num_computed_tokens]
+            else:
+                # The batch's columns, read with C-level iteration (this runs at every arrival to a
+                # busy replica, over the whole batch).
+                c0 = list(map(_COMPUTED, running))
+                diffs = list(map(sub, map(_NUM_TOKENS, running), c0))
+                if min(diffs) != 1 or max(diffs) != 1 or min(map(_OUTPUT, running)) <= 0:
+                    return None  # a prefill (or recompute) in the batch: not a steady decode step
+            sampled = 0
+        # k: up to the first completion and max_model_len; first: the step at which each request
+        # needs its next new block.
+        if B == 1:
+            r = running[0]
+            c = c0[0]
+            k = min(max_steps, r.max_output_tokens - r.num_output_tokens - sampled, cfg.max_model_len - 1 - c)
+            nc = [r.num_cached_blocks]
+            first = [len(r.blocks) * bs - c + 1]
+        else:
+            k = min(max_steps, min(map(sub, map(_MAX_OUTPUT, running), map(_OUTPUT, running))) - sampled,
+                    cfg.max_model_len - 1 - max(c0))
             nc = list(map(_CACHED, running))
             first = _first_new_block_steps(running, c0, bs)
         if k < min_steps:
@@ -937,8 +910,7 @@ class Engine:
             n = run.allocs(j) - run.allocs(p)
             if n > 0:
                 r = run.reqs[0]
-                # A decoding request's new blocks are past its prompt, so exclusive (BlockPool).
-                r.blocks.extend(kv.pool.get_new_blocks(n, 0, (), max(0, min(n, len(r.blocks) + n - r.num_shared_blocks))))
+                r.blocks.extend(kv.pool.get_new_blocks(n, 0, (), exclusive_count(len(r.blocks), n, r.num_shared_blocks)))
         else:
             self._apply_run_allocs(run, p, j)
         if not self.cfg.enable_prefix_caching:

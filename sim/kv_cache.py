@@ -323,7 +323,7 @@ class BlockPool:
                         del cached[h]
                     else:
                         self._unmap(b, h)
-        if evicted or u < n:
+        if u < n:
             self.num_mapped_free = nmf
             self.num_unique -= evicted  # the rest carried a unique mark
         # Per-block state of the other tracked blocks: up to two runs (unique, unhashed), one loop
@@ -634,10 +634,7 @@ class KVCacheManager:
         if num_new > 0:
             blocks = req.blocks
             L0 = len(blocks)
-            # New blocks at positions past the shared prefix are exclusive (see BlockPool).
-            num_excl = min(num_new, L0 + num_new - req.num_shared_blocks)
-            if num_excl < 0:
-                num_excl = 0
+            num_excl = exclusive_count(L0, num_new, req.num_shared_blocks)
             num_full = L0
             if self.enable_caching and req.num_cached_blocks == L0:
                 # Register the new blocks that this allocation fills while popping them (see
@@ -686,10 +683,7 @@ class KVCacheManager:
             pool.cache_blocks(req.blocks[start:m], req.block_hashes[start:m])
             start = m
         if start < end:
-            if pool.lazy_exclusive:
-                pool.num_unique += end - start  # exclusive positions: counted, not marked
-            else:
-                pool.mark_unique(req.blocks[start:end])
+            pool.mark_unique(req.blocks[start:end], exclusive=True)  # positions past the shared prefix
 
     def free(self, req, preempted: bool = False) -> None:
         """Release a request's blocks, tail first (deepest block of the chain evicted first).
@@ -723,6 +717,12 @@ class KVCacheManager:
             return  # vLLM's record_prefix_cache_stats records nothing with caching off
         self.prefix_queries += num_tokens
         self.prefix_hits += num_hit_tokens
+
+
+def exclusive_count(table_len: int, n: int, num_shared: int) -> int:
+    """How many of ``n`` blocks appended to a request's table of ``table_len`` blocks land at
+    exclusive positions (index ``>= num_shared``, past its shared prefix; see :class:`BlockPool`)."""
+    return min(n, max(table_len + n - num_shared, 0))
 
 
 def unique_hash_base(idx: int) -> int:

@@ -39,14 +39,20 @@ class CallbackEvent(Event):
     def __init__(self, env: simpy.Environment, callback: Callable[[Event], None], *, delay: float = 0.0,
                  at: float | None = None, priority: int = NORMAL, eid: int | None = None) -> None:
         self.env = env
-        self.callbacks = [callback]
-        try:  # SimPy 4: what Environment.schedule does (at an absolute time if ``at`` is given)
-            heappush(env._queue, (env._now + delay if at is None else at, priority,
-                                  next(env._eid) if eid is None else eid, self))
+        self.requeue([callback], env._now + delay if at is None else at, priority, eid, delay)
+
+    def requeue(self, callbacks: list, at: float, priority: int = NORMAL, eid: int | None = None,
+                delay: float | None = None) -> None:
+        """Queue this event at time ``at`` with ``callbacks`` (again, once SimPy has processed it:
+        SimPy reads nothing of a processed event, so re-queuing it is the same as a new one)."""
+        self.callbacks = callbacks
+        env = self.env
+        try:  # SimPy 4: what Environment.schedule does, at an absolute time
+            heappush(env._queue, (at, priority, next(env._eid) if eid is None else eid, self))
         except AttributeError:  # pragma: no cover - another SimPy layout: relative delay (exact up to an ulp)
             if eid is not None:
                 raise
-            env.schedule(self, priority, delay if at is None else at - env.now)
+            env.schedule(self, priority, at - env.now if delay is None else delay)
 
     def cancel(self) -> None:
         """Processed as a no-op (SimPy cannot take an event out of its queue).

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import os
-from heapq import heappush
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -69,7 +68,7 @@ class Replica:
     __slots__ = ("cluster", "env", "replica_id", "engine", "step_model", "cold_start_s", "num_gpus",
                  "usd_per_gpu_hour", "block_size", "num_total_blocks", "fast_forward", "state", "created_s",
                  "serving_s", "ended_s", "inflight_requests", "inflight_tokens", "_stop_now", "_idle", "_timer",
-                 "_timer_at", "_plan", "_dt", "_plan_aborts", "_stopped", "process", "_spare", "_step_cbs", "_heap")
+                 "_timer_at", "_plan", "_dt", "_plan_aborts", "_stopped", "process", "_spare", "_step_cbs", "_reuse")
 
     def __init__(self, cluster: "Cluster", replica_id: int, engine_cfg: EngineConfig,
                  step_model: StepTimeModel, cold_start_s: float, num_gpus: int, usd_per_gpu_hour: float,
@@ -102,10 +101,10 @@ class Replica:
         self._timer: CallbackEvent | None = None  # end of the step (or run) in flight
         self._timer_at = 0.0
         # The step-end event last processed, re-queued by the next _arm instead of a new event
-        # (SimPy 4 layout only: _heap is env._queue, else None and every arm makes an event).
+        # (SimPy 4 layout only; otherwise every arm makes an event).
         self._spare: CallbackEvent | None = None
         self._step_cbs = [self._step_done]  # its callback list (SimPy reads it, never mutates it)
-        self._heap = env._queue if can_reserve_eids(env) else None
+        self._reuse = can_reserve_eids(env)
         self._plan = None
         self._dt = 0.0
         self._plan_aborts = 0
@@ -233,8 +232,7 @@ class Replica:
             ev = self._spare
             if ev is not None:
                 self._spare = None
-                ev.callbacks = self._step_cbs
-                heappush(self._heap, (t, URGENT, next(self.env._eid), ev))
+                ev.requeue(self._step_cbs, t, URGENT)
                 self._timer = ev
                 self._timer_at = t
                 return
@@ -246,7 +244,7 @@ class Replica:
     def _step_done(self, event) -> None:
         """The step (or run) in flight ended: apply it, hand back finished requests, go on."""
         self._timer = None
-        if self._heap is not None:
+        if self._reuse:
             self._spare = event  # processed: _arm may queue it again
         engine = self.engine
         now = self.env._now
@@ -376,7 +374,7 @@ def _bulk_itl(hist):
     # the last bucket.
     edges: list[float | None] = [None] * (last + 2)
     edges[last + 1] = math.inf
-    log, nextafter, inf = math.log, math.nextafter, math.inf
+    nextafter, inf = math.nextafter, math.inf
 
     def edge(b: int) -> float:
         x = edges[b]
@@ -399,12 +397,7 @@ def _bulk_itl(hist):
         """
         counts = hist.counts
         last_v = first + step * (n - 1)
-        if first <= h_lo:  # bucket(first), inlined
-            b = 0
-        else:
-            b = int(log(first / h_lo) / log_base) + 1
-            if b > last:
-                b = last
+        b = bucket(first)
         hi = edges[b + 1]
         if hi is None:
             hi = edge(b + 1)

@@ -626,6 +626,7 @@ class Cluster:
         rows_version = -1  # self._active_version that rows was built for
         while True:
             t = env._now
+            run_sum = wait_sum = gen_sum = pre_sum = 0
             kv_sum = 0.0
             n_rep = 0
             active = self.active
@@ -633,7 +634,6 @@ class Cluster:
                 rows = [(r, r.engine.gauges, r.engine.kv, r.replica_id, r.engine.kv.pool.num_gpu_blocks - 1)
                         for r in active]
                 rows_version = self._active_version
-            first = len(ints)  # this tick's replica rows start here (ints is flushed only by end_tick)
             for r, gauges, kv, rid, usable in rows:
                 q = kv.prefix_queries
                 hr = kv.prefix_hits / q if q else 0.0
@@ -646,14 +646,13 @@ class Cluster:
                     code = series.code(st.value)
                 ints += (rid, code, run, wait, pre, gen, r.inflight_requests)
                 floats += (usage, hr)
-                kv_sum += usage  # (in row order, as before: float addition is not associative)
+                run_sum += run
+                wait_sum += wait
+                kv_sum += usage
+                gen_sum += gen
+                pre_sum += pre
                 if st is serving or st is starting:
                     n_rep += 1
-            # The integer sums over the tick's rows (exact in any order), from the columns just written.
-            run_sum = sum(ints[first + 2::7])
-            wait_sum = sum(ints[first + 3::7])
-            pre_sum = sum(ints[first + 4::7])
-            gen_sum = sum(ints[first + 5::7])
             code = cluster_codes.get(n_rep)
             if code is None:
                 code = cluster_codes[n_rep] = series.code(f"replicas={n_rep}")

@@ -371,17 +371,16 @@ class BlockPool:
         else:
             v[b] = None
 
-    def mark_unique(self, blocks: Sequence[int], exclusive: bool = False) -> None:
+    def mark_unique(self, blocks: Sequence[int]) -> None:
         """Register full blocks whose content is unique to their request, lazily.
 
         Such a block can only ever be a prefix hit for its own request, after a preemption. Until
         then it behaves as cached (hashed blocks go to the back of the free queue when freed, and
         popping one counts an eviction) but stays out of the hash map; the request indexes it with
         :meth:`index_unique` when it is preempted, which leaves the map exactly as if it had been
-        registered at once (only the request can have added that hash meanwhile). ``exclusive``:
-        the blocks sit at exclusive positions (a lazy pool only counts them).
+        registered at once (only the request can have added that hash meanwhile).
         """
-        self._register_unique(blocks, 0 if exclusive else len(blocks))
+        self._register_unique(blocks, len(blocks))
 
     def _register_unique(self, blocks: Sequence[int], tracked: int) -> None:
         self.num_unique += len(blocks)
@@ -683,7 +682,12 @@ class KVCacheManager:
             pool.cache_blocks(req.blocks[start:m], req.block_hashes[start:m])
             start = m
         if start < end:
-            pool.mark_unique(req.blocks[start:end], exclusive=True)  # positions past the shared prefix
+            # Positions past the shared prefix: a lazy pool only counts them (see BlockPool; this
+            # runs for every block a decode fills, so no call and no slice).
+            if pool.lazy_exclusive:
+                pool.num_unique += end - start
+            else:
+                pool.mark_unique(req.blocks[start:end])
 
     def free(self, req, preempted: bool = False) -> None:
         """Release a request's blocks, tail first (deepest block of the chain evicted first).
